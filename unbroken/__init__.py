@@ -1,0 +1,3 @@
+"""unbroken: a high-availability serving gateway for large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""The project's error tree.
+
+Every error a client can see is an :class:`UnbrokenError`. Each subclass carries its OpenAI
+``type``, its HTTP status and, optionally, a ``code`` and ``param``. They are turned into
+OpenAI's error JSON in exactly one place (:func:`unbroken.http.error_response`) and into an
+SSE error event in one other (:func:`unbroken.http.sse_error_event`).
+
+``blames_replica`` tells the gateway whether an error returned by a replica counts against
+that replica's health: a client's mistake never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UnbrokenError(Exception):
+    """Root of every error that can reach a client."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+    blames_replica: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ClientError(UnbrokenError):
+    """The client's mistake: 4xx, never counted against a replica."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    blames_replica = False
+
+
+class InvalidRequestError(ClientError):
+    status = 400
+    code = "invalid_request"
+
+
+class ValidationError(ClientError):
+    """Well-formed JSON whose values are of the wrong type or out of range."""
+
+    status = 422
+    code = "invalid_value"
+
+
+class ContextLengthError(ClientError):
+    status = 400
+    code = "context_length_exceeded"
+
+
+class PayloadTooLargeError(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ModelNotFoundError(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFoundError(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class AuthenticationError(ClientError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ClientError):
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimitError(ClientError):
+    """The client exceeded its own limits (requests or tokens per minute)."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class OverloadedError(UnbrokenError):
+    """Capacity is short: shed with ``Retry-After``. Not the replica's fault."""
+
+    status = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+    blames_replica = False
+
+
+class ShedError(OverloadedError):
+    """Load shed by priority (429 so clients back off)."""
+
+    status = 429
+    code = "shed"
+
+
+class DrainingError(OverloadedError):
+    """The replica is draining (SIGTERM or admin drain) and takes no new work."""
+
+    code = "draining"
+
+
+class UpstreamError(UnbrokenError):
+    """A replica failed: connection refused, 5xx, stall or timeout."""
+
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class NoReplicaError(UnbrokenError):
+    status = 503
+    error_type = "server_error"
+    code = "no_replica_available"
+    blames_replica = False
+
+
+class DeadlineExceededError(UnbrokenError):
+    status = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"
+    blames_replica = False
+
+
+class InternalError(UnbrokenError):
+    status = 500
+    code = "internal_error"
+
+
+_BY_TYPE_AND_CODE: dict[tuple[int, str | None], type[UnbrokenError]] = {}
+for _cls in (
+    InvalidRequestError,
+    ValidationError,
+    ContextLengthError,
+    PayloadTooLargeError,
+    ModelNotFoundError,
+    NotFoundError,
+    AuthenticationError,
+    PermissionDeniedError,
+    RateLimitError,
+    OverloadedError,
+    ShedError,
+    DrainingError,
+    UpstreamError,
+    NoReplicaError,
+    DeadlineExceededError,
+    InternalError,
+):
+    _BY_TYPE_AND_CODE[(_cls.status, _cls.code)] = _cls
+
+
+def error_from_response(status: int, body: dict[str, Any] | None) -> UnbrokenError:
+    """Rebuild an error from a peer's OpenAI error JSON (gateway reading a replica's answer)."""
+    err = (body or {}).get("error") or {}
+    message = str(err.get("message") or f"upstream answered {status}")
+    code = err.get("code")
+    cls = _BY_TYPE_AND_CODE.get((status, code))
+    if cls is None:
+        if 400 <= status < 500:
+            cls = ClientError
+        elif status == 503:
+            cls = OverloadedError if code in ("overloaded", "draining") else UpstreamError
+        else:
+            cls = UpstreamError
+    e = cls(message, param=err.get("param"), code=code)
+    e.status = status
+    return e
