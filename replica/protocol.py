@@ -72,6 +72,8 @@ class TokenOutput:
     finish_reason: FinishReason | None = None
     # Prompt tokens whose KV came from a kept session or an imported snapshot (first output only).
     num_cached_prompt_tokens: int = 0
+    # Where the cached prompt KV came from: "session" (kept here), "restored" (kvsync), or None.
+    cache_source: str | None = None
     error: str | None = None
 
 
