@@ -1,0 +1,229 @@
+"""The model runner: executes a :class:`SchedulerOutput` on the model and owns every KV tensor.
+
+Decoding sequences live in one batched, left-padded cache (per layer ``[rows, kv_heads, T,
+head_dim]``); each step feeds one token per row with explicit position ids and a 2-D attention
+mask that hides the padding. A newcomer is prefilled on its own cache (in chunks when the
+scheduler says so, starting from a kept session's KV when it reuses one) and then merged into
+the batch. Finished rows leave the batch; a finished session's KV is kept, unpadded, per session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from replica.loader import BASE_ADAPTER, LoadedModel
+from replica.sampling import sample_tokens
+from replica.scheduler import PrefillChunk, SchedulerOutput, Sequence
+
+KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-layer keys, values
+
+
+@dataclass
+class SessionKV:
+    """Kept KV of one session: per layer ``[kv_heads, len(token_ids), head_dim]``."""
+
+    token_ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    adapter: str | None
+
+
+def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """A DynamicCache holding exactly these tensors (no copy)."""
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k[:, :, :0], v[:, :, :0], layer)
+        cache.layers[layer].keys = k
+        cache.layers[layer].values = v
+    return cache
+
+
+def _cache_tensors(cache: DynamicCache) -> KV:
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, seed: int = 0) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.use_adapters = bool(loaded.adapter_names)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+        self.eos_ids: list[int] = []
+        # The decode batch.
+        self.rows: list[Sequence] = []
+        self.row_lens: list[int] = []  # real (unpadded) tokens per row
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        # Sequences part-way through a chunked prefill: request id -> (keys, values) batch-1 tensors.
+        self.prefilling: dict[str, KV] = {}
+        self.sessions: dict[str, SessionKV] = {}
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> dict[str, int]:
+        """Run the plan's decodes and prefill chunks; return the token sampled per request."""
+        for seq in plan.preempted + plan.failed:
+            self.free(seq.request_id)
+        for sid in plan.evicted_sessions:
+            self.sessions.pop(sid, None)
+        sampled: dict[str, int] = {}
+        if plan.decodes:
+            assert [s.request_id for s in plan.decodes] == [s.request_id for s in self.rows], \
+                "decode plan and runner batch disagree"
+            sampled.update(self._decode())
+        for chunk in plan.prefills:
+            token = self._prefill(chunk)
+            if token is not None:
+                sampled[chunk.seq.request_id] = token
+        return sampled
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                 attention_mask: torch.Tensor | None, adapters: list[str | None]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.use_adapters:
+            kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        suppress = [
+            self.eos_ids if s.output_position < s.request.sampling.min_tokens else ()
+            for s in seqs
+        ]
+        return sample_tokens(
+            logits, [s.request.sampling for s in seqs], [s.output_position for s in seqs], suppress,
+            self.generator,
+        )
+
+    def _decode(self) -> dict[str, int]:
+        num_rows = len(self.rows)
+        width = self.keys[0].shape[2]
+        input_ids = torch.tensor([[s.token_ids[-1]] for s in self.rows], dtype=torch.long)
+        positions = torch.tensor([[n] for n in self.row_lens], dtype=torch.long)
+        mask = torch.zeros((num_rows, width + 1), dtype=torch.long)
+        for i, n in enumerate(self.row_lens):
+            mask[i, width - n:] = 1
+        cache = _cache_from(self.keys, self.values)
+        logits = self._forward(input_ids, positions, cache, mask, [s.request.adapter for s in self.rows])
+        self.keys, self.values = _cache_tensors(cache)
+        self.row_lens = [n + 1 for n in self.row_lens]
+        tokens = self._sample(logits, self.rows)
+        return {s.request_id: t for s, t in zip(self.rows, tokens)}
+
+    def _prefill(self, chunk: PrefillChunk) -> int | None:
+        seq = chunk.seq
+        rid = seq.request_id
+        if chunk.reuse_session is not None:
+            kept = self.sessions.pop(chunk.reuse_session)
+            keys = [k[None, :, : chunk.start] for k in kept.keys]
+            values = [v[None, :, : chunk.start] for v in kept.values]
+        elif chunk.start > 0:
+            keys, values = self.prefilling.pop(rid)
+        else:
+            self.prefilling.pop(rid, None)
+            keys, values = [], []
+        cache = _cache_from(keys, values) if keys else DynamicCache()
+        input_ids = torch.tensor([seq.token_ids[chunk.start: chunk.end]], dtype=torch.long)
+        positions = torch.arange(chunk.start, chunk.end, dtype=torch.long)[None, :]
+        logits = self._forward(input_ids, positions, cache, None, [seq.request.adapter])
+        keys, values = _cache_tensors(cache)
+        if not chunk.samples:
+            self.prefilling[rid] = (keys, values)
+            return None
+        self._join_batch(seq, keys, values, chunk.end)
+        return self._sample(logits, [seq])[0]
+
+    # -- batch membership ------------------------------------------------------------------------
+    def _join_batch(self, seq: Sequence, keys: list[torch.Tensor], values: list[torch.Tensor],
+                    length: int) -> None:
+        if not self.rows:
+            self.keys, self.values = keys, values
+        else:
+            width = self.keys[0].shape[2]
+            if length > width:
+                self.keys = [_left_pad(k, length - width) for k in self.keys]
+                self.values = [_left_pad(v, length - width) for v in self.values]
+                width = length
+            self.keys = [torch.cat([b, _left_pad(k, width - length)], 0) for b, k in zip(self.keys, keys)]
+            self.values = [torch.cat([b, _left_pad(v, width - length)], 0) for b, v in zip(self.values, values)]
+        self.rows.append(seq)
+        self.row_lens.append(length)
+
+    def _leave_batch(self, request_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """Remove a row; return its unpadded KV ([kv_heads, n, head_dim] per layer) and length."""
+        index = next((i for i, s in enumerate(self.rows) if s.request_id == request_id), None)
+        if index is None:
+            return None
+        n = self.row_lens[index]
+        width = self.keys[0].shape[2]
+        row_keys = [k[index, :, width - n:] for k in self.keys]
+        row_values = [v[index, :, width - n:] for v in self.values]
+        del self.rows[index]
+        del self.row_lens[index]
+        if not self.rows:
+            self.keys, self.values = [], []
+        else:
+            keep = [i for i in range(len(self.rows) + 1) if i != index]
+            idx = torch.tensor(keep, device=self.keys[0].device)
+            trim = width - max(self.row_lens)  # columns that are padding in every remaining row
+            self.keys = [k.index_select(0, idx)[:, :, trim:] for k in self.keys]
+            self.values = [v.index_select(0, idx)[:, :, trim:] for v in self.values]
+        return row_keys, row_values, n
+
+    def free(self, request_id: str) -> None:
+        self.prefilling.pop(request_id, None)
+        self._leave_batch(request_id)
+
+    def finish(self, seq: Sequence, keep_session: bool) -> SessionKV | None:
+        """A sequence finished: drop its row, and keep its KV for its session if asked."""
+        self.prefilling.pop(seq.request_id, None)
+        row = self._leave_batch(seq.request_id)
+        if row is None or not keep_session or seq.request.session_id is None:
+            return None
+        keys, values, n = row
+        kept = SessionKV(
+            token_ids=list(seq.token_ids[:n]),
+            keys=[k.clone() for k in keys],
+            values=[v.clone() for v in values],
+            adapter=seq.request.adapter,
+        )
+        self.sessions[seq.request.session_id] = kept
+        return kept
+
+    def row_kv(self, request_id: str, start: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """A copy of a running row's KV from token ``start`` on (for a mid-generation snapshot)."""
+        index = next((i for i, s in enumerate(self.rows) if s.request_id == request_id), None)
+        if index is None:
+            return None
+        n = self.row_lens[index]
+        width = self.keys[0].shape[2]
+        lo = width - n + start
+        return ([k[index, :, lo:].to("cpu", copy=True) for k in self.keys],
+                [v[index, :, lo:].to("cpu", copy=True) for v in self.values], n)
+
+    @property
+    def num_padded_slots(self) -> int:
+        if not self.rows:
+            return 0
+        return len(self.rows) * self.keys[0].shape[2] - sum(self.row_lens)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    if n <= 0:
+        return t
+    pad = torch.zeros(t.shape[0], t.shape[1], n, t.shape[3], dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=2)
