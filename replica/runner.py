@@ -74,10 +74,16 @@ class ModelRunner:
             self.sessions.pop(sid, None)
         sampled: dict[str, int] = {}
         if plan.decodes:
-            assert [s.request_id for s in plan.decodes] == [s.request_id for s in self.rows], \
+            assert {s.request_id for s in plan.decodes} == {s.request_id for s in self.rows}, \
                 "decode plan and runner batch disagree"
             sampled.update(self._decode())
+        # Whole prompts with nothing to reuse go through one left-padded forward together.
+        whole = [c for c in plan.prefills if c.start == 0 and c.reuse_session is None and c.samples]
+        if len(whole) > 1:
+            sampled.update(self._prefill_batch(whole))
         for chunk in plan.prefills:
+            if len(whole) > 1 and chunk in whole:
+                continue
             token = self._prefill(chunk)
             if token is not None:
                 sampled[chunk.seq.request_id] = token
@@ -144,24 +150,45 @@ class ModelRunner:
         if not chunk.samples:
             self.prefilling[rid] = (keys, values)
             return None
-        self._join_batch(seq, keys, values, chunk.end)
+        self._join_batch([seq], keys, values, [chunk.end])
         return self._sample(logits, [seq])[0]
 
+    def _prefill_batch(self, chunks: list[PrefillChunk]) -> dict[str, int]:
+        seqs = [c.seq for c in chunks]
+        lengths = [c.end for c in chunks]
+        width = max(lengths)
+        input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, (seq, n) in enumerate(zip(seqs, lengths)):
+            self.prefilling.pop(seq.request_id, None)
+            input_ids[r, width - n:] = torch.tensor(seq.token_ids[:n], dtype=torch.long)
+            mask[r, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(input_ids, positions, cache, mask, [s.request.adapter for s in seqs])
+        keys, values = _cache_tensors(cache)
+        self._join_batch(seqs, keys, values, lengths)
+        tokens = self._sample(logits, seqs)
+        return {s.request_id: t for s, t in zip(seqs, tokens)}
+
     # -- batch membership ------------------------------------------------------------------------
-    def _join_batch(self, seq: Sequence, keys: list[torch.Tensor], values: list[torch.Tensor],
-                    length: int) -> None:
+    def _join_batch(self, seqs: list[Sequence], keys: list[torch.Tensor], values: list[torch.Tensor],
+                    lengths: list[int]) -> None:
+        """Add rows (already left-padded to their own common width) to the decode batch."""
         if not self.rows:
             self.keys, self.values = keys, values
         else:
             width = self.keys[0].shape[2]
-            if length > width:
-                self.keys = [_left_pad(k, length - width) for k in self.keys]
-                self.values = [_left_pad(v, length - width) for v in self.values]
-                width = length
-            self.keys = [torch.cat([b, _left_pad(k, width - length)], 0) for b, k in zip(self.keys, keys)]
-            self.values = [torch.cat([b, _left_pad(v, width - length)], 0) for b, v in zip(self.values, values)]
-        self.rows.append(seq)
-        self.row_lens.append(length)
+            new_width = keys[0].shape[2]
+            if new_width > width:
+                self.keys = [_left_pad(k, new_width - width) for k in self.keys]
+                self.values = [_left_pad(v, new_width - width) for v in self.values]
+                width = new_width
+            self.keys = [torch.cat([b, _left_pad(k, width - new_width)], 0) for b, k in zip(self.keys, keys)]
+            self.values = [torch.cat([b, _left_pad(v, width - new_width)], 0)
+                           for b, v in zip(self.values, values)]
+        self.rows.extend(seqs)
+        self.row_lens.extend(lengths)
 
     def _leave_batch(self, request_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
         """Remove a row; return its unpadded KV ([kv_heads, n, head_dim] per layer) and length."""

@@ -63,7 +63,10 @@ def _run(engine: LLMEngine, requests: list[GenerationRequest], arrive_every_step
     pending = list(requests)
     steps = 0
     while pending or engine.has_unfinished():
-        if pending and steps % arrive_every_steps == 0:
+        if arrive_every_steps == 0:
+            while pending:
+                engine.add_request(pending.pop(0))
+        elif pending and steps % arrive_every_steps == 0:
             engine.add_request(pending.pop(0))
         for out in engine.step():
             outputs.append((steps, out))
@@ -80,19 +83,22 @@ def _greedy(max_tokens: int, **kw: object) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
-def test_greedy_equals_generate_under_continuous_batching(loaded, tiny_model_dir):
+@pytest.mark.parametrize("arrive_every_steps", [3, 0], ids=["staggered", "all-at-once"])
+def test_greedy_equals_generate_under_continuous_batching(loaded, tiny_model_dir, arrive_every_steps):
     engine = _engine(loaded, tiny_model_dir)
     lengths = [24, 40, 8, 32, 17, 29]
     requests = [
         GenerationRequest(f"r{i}", _ids(loaded, p), _greedy(n)) for i, (p, n) in enumerate(zip(PROMPTS, lengths))
     ]
-    tokens, reasons, outputs = _run(engine, requests, arrive_every_steps=3)
+    tokens, reasons, outputs = _run(engine, requests, arrive_every_steps=arrive_every_steps)
     for req, n in zip(requests, lengths):
         assert tokens[req.request_id] == _reference(loaded, req.prompt_token_ids, n), req.request_id
     # Requests joined while others were decoding and left at different steps.
     first_step = {o.request_id: s for s, o in reversed(outputs)}
     last_step = {o.request_id: s for s, o in outputs}
-    assert len(set(first_step.values())) > 1 and len(set(last_step.values())) > 1
+    if arrive_every_steps:
+        assert len(set(first_step.values())) > 1
+    assert len(set(last_step.values())) > 1
     assert engine.scheduler.num_used_tokens == 0 and not engine.runner.rows
 
 

@@ -1,0 +1,1 @@
+"""Load tests, fault injection, benchmarks and reports."""
