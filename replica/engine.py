@@ -206,6 +206,10 @@ class LLMEngine:
     def _output(self, seq: Sequence, token: int, reason: FinishReason | None) -> TokenOutput:
         first = not seq.reported_cache
         seq.reported_cache = True
+        sid = seq.request.session_id
+        if first and sid is not None:
+            # The replicated copy is only a prefix of this sequence up to what it reused.
+            self.published_tokens[sid] = min(self.published_tokens.get(sid, 0), seq.num_cached_prompt_tokens)
         return TokenOutput(
             seq.request_id, token, reason,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens if first else 0,
@@ -321,9 +325,7 @@ class LLMEngine:
             if len(seq.output_ids) - mark < every:
                 continue
             self._snapshot_marks[seq.request_id] = len(seq.output_ids)
-            published = self.published_tokens.get(sid, 0)
-            base = min(published, seq.num_cached_prompt_tokens) if seq.cache_source else 0
-            start = self._publish_start(sid, base) if base else 0
+            start = self._publish_start(sid, len(seq.token_ids))
             row = self.runner.row_kv(seq.request_id, start)
             if row is None:
                 continue

@@ -302,3 +302,87 @@ def test_async_engine_streams_and_aborts_on_early_exit(loaded, tiny_model_dir):
             await engine.stop()
 
     asyncio.run(main())
+
+
+class _FakeKVSync:
+    """Stands in for kvsync's client (the subject here is the engine's side of the contract)."""
+
+    def __init__(self) -> None:
+        self.published = []
+        self.store = {}
+        self.fetches = 0
+
+    def publish(self, snapshot) -> bool:
+        self.published.append(snapshot)
+        return True
+
+    async def fetch(self, session_id, identity, timeout_s):
+        from types import SimpleNamespace
+
+        self.fetches += 1
+        snap = self.store.get(session_id)
+        if snap is None:
+            return SimpleNamespace(snapshot=None, outcome="missing", transcript=None)
+        if snap.identity != identity:
+            return SimpleNamespace(snapshot=None, outcome="mismatch", transcript=None)
+        return SimpleNamespace(snapshot=snap, outcome="restored", transcript=snap.transcript)
+
+
+def test_engine_publishes_incremental_snapshots_every_n_tokens_and_after_turns(loaded, tiny_model_dir):
+    cfg = ReplicaConfig.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "kvsync": {"enabled": True, "snapshot_every_tokens": 8, "block_tokens": 16},
+    })
+    fake = _FakeKVSync()
+    engine = LLMEngine(cfg, loaded, kvsync=fake)
+    turn1 = _ids(loaded, PROMPTS[3])
+    tokens, _, _ = _run(engine, [GenerationRequest("t1", turn1, _greedy(20, ignore_eos=True), session_id="s")])
+    mid = list(fake.published)
+    assert len(mid) == 2  # after 8 and 16 generated tokens
+    assert mid[0].start == 0  # nothing was replicated before: a full snapshot
+    assert mid[1].start == len(mid[0].token_ids) // 16 * 16  # then only whole new blocks onwards
+    engine.finish_turn("s", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    after_turn = fake.published[-1]
+    assert after_turn.transcript is not None and after_turn.start % 16 == 0 and after_turn.start > 0
+    n = len(after_turn.token_ids)
+    assert n == len(turn1) + 19
+    assert after_turn.keys[0].shape[1] == n - after_turn.start
+    # The incremental tail equals the same rows of a full export.
+    full = engine.export_session("s")
+    assert torch.equal(full.keys[2][:, after_turn.start:], after_turn.keys[2])
+
+
+def test_async_engine_restores_a_session_through_kvsync(loaded, tiny_model_dir):
+    import asyncio
+
+    from replica.engine import AsyncEngine
+
+    source = _engine(loaded, tiny_model_dir)
+    turn1 = _ids(loaded, PROMPTS[1])
+    tokens, _, _ = _run(source, [GenerationRequest("t1", turn1, _greedy(10, ignore_eos=True), session_id="s")])
+    source.set_transcript("s", [{"role": "user", "content": "hi"}])
+    snapshot = source.export_session("s")
+    fake = _FakeKVSync()
+    fake.store["s"] = snapshot
+    turn2 = turn1 + tokens["t1"] + _ids(loaded, " and then")
+    cfg = ReplicaConfig.model_validate({"model": {"path": str(tiny_model_dir)}, "kvsync": {"enabled": True}})
+
+    async def main():
+        engine = AsyncEngine(cfg, fake, loaded=loaded)
+        await engine.start()
+        try:
+            outs = [o async for o in engine.generate(GenerationRequest("t2", turn2, _greedy(12), session_id="s"))]
+            transcript = await engine.session_transcript("s")
+            missing = [o async for o in engine.generate(
+                GenerationRequest("t3", turn1, _greedy(3), session_id="unknown"))]
+            return outs, transcript, missing, engine.stats()
+        finally:
+            await engine.stop()
+
+    outs, transcript, missing, stats = asyncio.run(main())
+    assert [o.token_id for o in outs if o.token_id is not None] == _reference(loaded, turn2, 12)
+    assert outs[0].num_cached_prompt_tokens == len(snapshot.token_ids) and outs[0].cache_source == "restored"
+    assert transcript == [{"role": "user", "content": "hi"}]
+    assert missing[0].num_cached_prompt_tokens == 0
+    assert stats.restore_outcomes == {"restored": 1, "missing": 1}
+    assert stats.num_restored_tokens == len(snapshot.token_ids)
