@@ -173,9 +173,10 @@ class LLMEngine:
         """Schedule, execute, update. Returns one output per request that advanced or ended."""
         assert self.scheduler is not None and self.runner is not None
         plan = self.scheduler.schedule()
-        outputs = [TokenOutput(s.request_id, None, FinishReason.ERROR,
-                               error="the request does not fit this replica's KV budget")
-                   for s in plan.failed]
+        outputs = [TokenOutput(s.request_id, None, s.finish_reason,
+                               error="the request does not fit this replica's KV budget"
+                               if s.finish_reason is FinishReason.ERROR else None)
+                   for s in plan.ended]
         if plan.is_empty:
             self.runner.execute(plan)  # still apply frees and evictions
             return outputs

@@ -68,7 +68,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, int]:
         """Run the plan's decodes and prefill chunks; return the token sampled per request."""
-        for seq in plan.preempted + plan.failed:
+        for seq in plan.preempted + plan.ended:
             self.free(seq.request_id)
         for sid in plan.evicted_sessions:
             self.sessions.pop(sid, None)

@@ -35,6 +35,7 @@ def _filter(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
         drop = (probs.cumsum(-1) - probs) >= sp.top_p
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits
@@ -51,7 +52,7 @@ def sample_tokens(
 
     ``positions[i]`` is row i's output position; ``suppress_ids[i]`` are ids it may not emit now
     (EOS before ``min_tokens``)."""
-    logits = logits.float()
+    logits = logits.float().clone()
     for i, ids in enumerate(suppress_ids):
         if ids:
             logits[i, list(ids)] = float("-inf")

@@ -85,7 +85,8 @@ class SchedulerOutput:
     decodes: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     evicted_sessions: list[str] = field(default_factory=list)
-    failed: list[Sequence] = field(default_factory=list)  # can never fit the KV budget
+    # Ended by the scheduler: ERROR (can never fit the KV budget) or LENGTH (outgrew it alone).
+    ended: list[Sequence] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -182,15 +183,21 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         decoding = [s for s in self.running if s._decoding]
-        # 1. Decodes: each needs one more slot. Evict kept sessions, then preempt the newest.
+        # 1. Decodes: each needs one more slot. Evict kept sessions, then preempt the newest;
+        #    a sequence that alone has outgrown the whole budget ends where it is.
         while decoding and self.num_free_tokens < len(decoding):
             if self.sessions:
                 sid, _ = self.sessions.popitem(last=False)
                 out.evicted_sessions.append(sid)
                 continue
             victim = max(self.running, key=lambda s: s.arrival_order)
-            self._preempt(victim)
-            out.preempted.append(victim)
+            if len(self.running) == 1:
+                self.running.remove(victim)
+                self._finish(victim, FinishReason.LENGTH)
+                out.ended.append(victim)
+            else:
+                self._preempt(victim)
+                out.preempted.append(victim)
             if victim in decoding:
                 decoding.remove(victim)
         out.decodes = decoding
@@ -198,32 +205,37 @@ class Scheduler:
         # 2. Prefill: continue partial prefills first, then admit waiting sequences in order.
         budget = self.max_prefill_tokens_per_step
         free = self.num_free_tokens - len(decoding)
-        for seq in self.running:
+        for seq in list(self.running):
             if seq._decoding or budget <= 0:
                 continue
-            end = min(len(seq.token_ids), seq.num_computed_tokens + budget)
-            if end - seq.num_computed_tokens > free:
+            want = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while want > free and self._evict_lru_session(out, set()):
+                free = self.num_free_tokens - len(decoding) - self._pending_prefill(out)
+            take = min(want, free)
+            if take <= 0:
                 continue
+            end = seq.num_computed_tokens + take
             out.prefills.append(PrefillChunk(seq, seq.num_computed_tokens, end))
-            budget -= end - seq.num_computed_tokens
-            free -= end - seq.num_computed_tokens
+            budget -= take
+            free -= take
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if len(seq.token_ids) + 1 > self.kv_capacity_tokens:
+                # Can never fit, even alone: fail it rather than wait forever.
+                self.waiting.popleft()
+                self._finish(seq, FinishReason.ERROR)
+                out.ended.append(seq)
+                continue
             session_id, reuse = self._reusable(seq)
-            # Room needed to make progress: the first chunk (and the reused session's KV moves
-            # from the session pool to the sequence, so it costs nothing new).
+            # Room needed to make progress: the first chunk. The reused prefix of a kept session
+            # moves to the sequence; the rest of that session's KV is released on admission.
             first_end = min(len(seq.token_ids), reuse + budget)
             need = first_end - reuse
+            released = len(self.sessions[session_id].token_ids) - reuse if session_id else 0
             protected = {session_id} if session_id else set()
-            while need > free and self._evict_lru_session(out, protected):
+            while need > free + released and self._evict_lru_session(out, protected):
                 free = self.num_free_tokens - len(decoding) - self._pending_prefill(out)
-            if need > free:
-                if len(seq.token_ids) + 1 > self.kv_capacity_tokens and not self.running:
-                    # Can never fit, even alone: fail it rather than wait forever.
-                    self.waiting.popleft()
-                    self._finish(seq, FinishReason.ERROR)
-                    out.failed.append(seq)
-                    continue
+            if need > free + released:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -236,7 +248,19 @@ class Scheduler:
             self.running.append(seq)
             out.prefills.append(PrefillChunk(seq, reuse, first_end, reuse_session=session_id))
             budget -= need
-            free -= need
+            free += released - need
+
+        # 3. No progress possible with sequences still running (partial prefills holding KV
+        #    that together exceed the budget): preempt the newest, or end a lone one.
+        if not out.prefills and not out.decodes and self.running:
+            victim = max(self.running, key=lambda s: s.arrival_order)
+            if len(self.running) == 1:
+                self.running.remove(victim)
+                self._finish(victim, FinishReason.ERROR if not victim._decoding else FinishReason.LENGTH)
+                out.ended.append(victim)
+            else:
+                self._preempt(victim)
+                out.preempted.append(victim)
         return out
 
     def update(self, plan: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
