@@ -556,6 +556,7 @@ class AsyncEngine:
     # -- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        last_stats_s = 0.0
         while True:
             block = not engine.has_unfinished()
             try:
@@ -583,7 +584,10 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving
                     log.exception("engine step failed")
                     outputs.extend(self._fail_all(str(e)))
-            self._stats = engine.stats()
+            now = time.monotonic()
+            if now - last_stats_s >= 0.05 or not engine.has_unfinished():
+                self._stats = engine.stats()  # the heartbeat reads this copy
+                last_stats_s = now
             assert engine.scheduler is not None
             self._kept_sessions = frozenset(engine.scheduler.sessions)
             self._deliver(outputs)
