@@ -1,0 +1,233 @@
+"""The replica's side of kvsync: hand snapshots to the local sidecar, fetch them back.
+
+:meth:`KVSyncClient.publish` is called on the engine thread and never blocks: it puts the
+snapshot on a bounded queue and a background thread sends it (the tensors are written to the
+socket one by one, never joined into one buffer). When the queue is full the snapshot is
+dropped and counted; the engine then sends the same blocks again with its next snapshot.
+
+Incremental snapshots and ``needs_full``: the engine sends only the blocks after what it
+believes is replicated. When the sidecar cannot build on that (it restarted, lost the blocks
+in Redis, or refused a snapshot as busy), or the sidecar cannot be reached, the client marks the
+session and :meth:`KVSyncClient.needs_full` returns True until a snapshot from token 0 has been
+accepted; the engine checks it before each snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import queue
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from kvsync.protocol import (
+    CONTENT_TYPE_SNAPSHOT,
+    OUTCOME_HEADER,
+    FetchReply,
+    FetchRequest,
+    decode_snapshot,
+    encode_snapshot_parts,
+)
+from replica.protocol import KVIdentity, KVSnapshot
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+
+
+@dataclass
+class FetchResult:
+    snapshot: KVSnapshot | None
+    outcome: str  # "restored" | "missing" | "mismatch" | "corrupt" | "timeout" | "error"
+    transcript: list[dict[str, Any]] | None = None
+
+
+class KVSyncClient:
+    """One per replica process. ``start()`` before publishing, ``close()`` at shutdown."""
+
+    def __init__(self, sidecar_url: str, *, block_tokens: int = 64, max_pending: int = 4,
+                 post_timeout_s: float = 30.0) -> None:
+        self.sidecar_url = sidecar_url.rstrip("/")
+        parsed = urllib.parse.urlsplit(self.sidecar_url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError(f"kvsync sidecar URL must be http://host:port, got {sidecar_url!r}")
+        self._host = parsed.hostname
+        self._port = parsed.port or 80
+        self.block_tokens = block_tokens
+        self.post_timeout_s = post_timeout_s
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._needs_full: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._sidecar_down = False
+        self.num_published = 0  # accepted by the sidecar
+        self.num_dropped = 0  # queue full: never sent
+        self.num_refused = 0  # sent, refused (need_full, busy, invalid)
+        self.num_failed = 0  # sent, sidecar unreachable or failed
+        self.num_bytes_sent = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvsync-client", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued (for up to ``timeout_s``) and stop the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._queue.put(_CLOSE, timeout=0.1)
+                break
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    break
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- the engine thread's side ------------------------------------------------------------------------
+    def publish(self, snapshot: KVSnapshot) -> bool:
+        """Queue ``snapshot`` for the sidecar; False (and a count) when the queue is full."""
+        if snapshot.start % self.block_tokens:
+            raise ValueError(f"snapshot start {snapshot.start} is not a multiple of {self.block_tokens}")
+        try:
+            self._queue.put_nowait(snapshot)
+        except queue.Full:
+            self.num_dropped += 1
+            return False
+        return True
+
+    def needs_full(self, session_id: str) -> bool:
+        """Whether the next snapshot of this session must start at token 0."""
+        return session_id in self._needs_full
+
+    @property
+    def num_queued(self) -> int:
+        return self._queue.qsize()
+
+    # -- the background thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                break
+            try:
+                self._send(item)
+            except Exception:  # noqa: BLE001 - the sender thread must survive anything
+                log.exception("kvsync client: sending a snapshot failed")
+                self._needs_full.add(item.session_id)
+                self.num_failed += 1
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _send(self, snapshot: KVSnapshot) -> None:
+        parts = encode_snapshot_parts(snapshot)
+        total = sum(len(p) for p in parts)
+        path = f"/v1/sessions/{urllib.parse.quote(snapshot.session_id, safe='')}/snapshots"
+        try:
+            status, body = self._post(path, parts, total)
+        except (OSError, http.client.HTTPException) as e:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._needs_full.add(snapshot.session_id)
+            self.num_failed += 1
+            if not self._sidecar_down:
+                self._sidecar_down = True
+                log.warning("kvsync client: sidecar at %s unreachable (%s); snapshots are skipped until it is back",
+                            self.sidecar_url, e)
+            return
+        if self._sidecar_down:
+            self._sidecar_down = False
+            log.warning("kvsync client: sidecar at %s reachable again", self.sidecar_url)
+        if status == 202:
+            self.num_published += 1
+            self.num_bytes_sent += total
+            if snapshot.start == 0:
+                self._needs_full.discard(snapshot.session_id)
+            return
+        self.num_refused += 1
+        self._needs_full.add(snapshot.session_id)
+        if status != 409:
+            log.info("kvsync client: sidecar refused a snapshot of %s: %s %s", snapshot.session_id,
+                     status, body[:200])
+
+    def _post(self, path: str, parts: list[bytes | memoryview], total: int) -> tuple[int, bytes]:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.post_timeout_s)
+        conn = self._conn
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", CONTENT_TYPE_SNAPSHOT)
+        conn.putheader("Content-Length", str(total))
+        conn.endheaders()
+        for part in parts:
+            conn.send(part)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.will_close:
+            conn.close()
+            self._conn = None
+        return resp.status, body
+
+    # -- restore (the replica's event loop) ----------------------------------------------------------------
+    async def fetch(self, session_id: str, identity: KVIdentity, timeout_s: float) -> FetchResult:
+        """The newest complete snapshot of ``session_id`` whose identity is ``identity`` (full KV
+        from token 0) and the transcript; never raises, the outcome says what happened."""
+        path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/fetch"
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http_session:
+                    async with http_session.post(self.sidecar_url + path,
+                                                 data=FetchRequest(identity).to_json(),
+                                                 headers={"Content-Type": "application/json"}) as resp:
+                        outcome = resp.headers.get(OUTCOME_HEADER, "")
+                        if resp.status == 200 and outcome == "restored":
+                            data = await _read_into_bytearray(resp)
+                            snapshot = await asyncio.to_thread(decode_snapshot, data)
+                            if snapshot.session_id != session_id or snapshot.identity != identity:
+                                return FetchResult(None, "mismatch", snapshot.transcript)
+                            if snapshot.start != 0:
+                                return FetchResult(None, "corrupt", snapshot.transcript)
+                            return FetchResult(snapshot, "restored", snapshot.transcript)
+                        body = await resp.read()
+                        if resp.status != 200:
+                            log.info("kvsync client: fetch answered %s: %s", resp.status, body[:200])
+                            return FetchResult(None, "error")
+                        reply = FetchReply.from_dict(orjson.loads(body))
+                        return FetchResult(None, reply.outcome, reply.transcript)
+        except TimeoutError:
+            return FetchResult(None, "timeout")
+        except ValueError as e:  # a corrupt snapshot or reply
+            log.warning("kvsync client: fetched snapshot of %s is unusable: %s", session_id, e)
+            return FetchResult(None, "corrupt")
+        except (aiohttp.ClientError, OSError) as e:
+            log.info("kvsync client: fetch of %s failed: %s", session_id, e)
+            return FetchResult(None, "error")
+
+
+async def _read_into_bytearray(resp: aiohttp.ClientResponse) -> bytearray:
+    """Read a body into one writable buffer (the restored tensors are views over it)."""
+    n = resp.content_length
+    if n is None:
+        return bytearray(await resp.read())
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        if pos + len(chunk) > n:
+            raise ValueError("restored snapshot is longer than its Content-Length")
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    if pos != n:
+        raise ValueError(f"restored snapshot truncated at {pos} of {n} bytes")
+    return buf

@@ -1,0 +1,127 @@
+"""The sidecar's HTTP face (aiohttp, loopback): the replica posts snapshots and asks for restores.
+
+Routes:
+
+- ``POST /v1/sessions/{id}/snapshots``: body = a snapshot in wire form. 202 accepted, 409
+  need_full, 503 busy, 400 invalid; JSON :class:`~kvsync.protocol.PublishReply`. Answers as soon
+  as the snapshot is cut into blocks; Redis is written later by the writer task.
+- ``POST /v1/sessions/{id}/fetch``: body = :class:`~kvsync.protocol.FetchRequest`. 200 with the
+  full snapshot in wire form and ``X-KVSync-Outcome: restored``, or 200 with a
+  :class:`~kvsync.protocol.FetchReply` (JSON) saying why not.
+- ``DELETE /v1/sessions/{id}``: forget a session in Redis.
+- ``GET /health`` (200 while serving, whether or not Redis is up), ``GET /v1/state``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from kvsync.config import KVSyncConfig
+from kvsync.metrics import KVSyncMetrics
+from kvsync.protocol import (
+    CONTENT_TYPE_SNAPSHOT,
+    OUTCOME_HEADER,
+    FetchReply,
+    FetchRequest,
+    PublishReply,
+)
+from kvsync.restore import restore_session
+from kvsync.store import KVStore
+from kvsync.writer import REDIS_FAILURES, ReplicationWriter
+from unbroken.errors import InvalidRequestError, OverloadedError
+from unbroken.http import error_middleware, json_response
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", KVSyncConfig)
+METRICS = web.AppKey("metrics", KVSyncMetrics)
+STORE = web.AppKey("store", KVStore)
+WRITER = web.AppKey("writer", ReplicationWriter)
+
+_PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "invalid": 400}
+
+
+def create_app(config: KVSyncConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = KVSyncMetrics()
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post("/v1/sessions/{session_id}/snapshots", publish)
+    app.router.add_post("/v1/sessions/{session_id}/fetch", fetch)
+    app.router.add_delete("/v1/sessions/{session_id}", delete)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/state", state)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = KVStore(config.redis, config.store)
+    writer = ReplicationWriter(store, config, app[METRICS])
+    app[STORE] = store
+    app[WRITER] = writer
+    writer.start()
+    try:
+        if not await store.ping():
+            raise ConnectionError("PING failed")
+    except REDIS_FAILURES as e:
+        log.warning("kvsync: Redis at %s is not reachable yet (%s); serving, replication waits for it",
+                    config.redis.url, e)
+    yield
+    await writer.stop()
+    await store.close()
+
+
+async def publish(request: web.Request) -> web.Response:
+    body = await request.read()
+    reply = await request.app[WRITER].accept(request.match_info["session_id"], body)
+    status = _PUBLISH_STATUS.get(reply.status, 400)
+    headers = {"Retry-After": "1"} if reply.status == "busy" else None
+    return json_response(reply.to_dict(), status=status, headers=headers)
+
+
+async def fetch(request: web.Request) -> web.StreamResponse:
+    session_id = request.match_info["session_id"]
+    try:
+        ask = FetchRequest.from_json(await request.read())
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    config = request.app[CONFIG]
+    result = await restore_session(request.app[STORE], request.app[METRICS], session_id,
+                                   ask.identity, config.writer.fetch_timeout_s)
+    if result.outcome == "restored" and result.wire is not None:
+        if result.manifest is not None:
+            request.app[WRITER].remember(result.manifest)
+        return web.Response(body=result.wire, content_type=CONTENT_TYPE_SNAPSHOT,
+                            headers={OUTCOME_HEADER: "restored"})
+    reply = FetchReply(result.outcome, result.message, result.transcript)
+    return json_response(reply.to_dict(), headers={OUTCOME_HEADER: result.outcome})
+
+
+async def delete(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    request.app[WRITER].forget(session_id)
+    try:
+        await request.app[STORE].delete_session(session_id)
+    except REDIS_FAILURES as e:
+        request.app[METRICS].redis_errors.labels("delete").inc()
+        raise OverloadedError(f"Redis is unavailable: {e}", retry_after_s=1.0) from None
+    return json_response(PublishReply("deleted").to_dict())
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "replication_paused": request.app[WRITER].paused})
+
+
+async def state(request: web.Request) -> web.Response:
+    return json_response(request.app[WRITER].state())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    request.app[WRITER].update_gauges()
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

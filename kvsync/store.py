@@ -1,0 +1,225 @@
+"""kvsync's Redis layout and every Redis command it sends (redis-py asyncio).
+
+Keys (``P`` = ``redis.key_prefix``, default ``unbroken:kv``)::
+
+    P:block:{hash}        block bytes (content-addressed; TTL = ttl_s + grace)
+    P:ref:{hash}          how many manifests name the block (same TTL as the block)
+    P:manifest:{session}  the session's Manifest (JSON; TTL = ttl_s), written last
+    P:lru                 sorted set: session -> last use (ms since the epoch)
+    P:bytes               hash: session -> bytes its manifest names
+    P:total               bytes named by all manifests (what the memory cap limits)
+
+Writing a snapshot is: SET each new block (``PX``), then one Lua script (atomic in Redis) that
+checks that every block the manifest names exists, adjusts reference counts, SETs the manifest,
+and evicts least recently used sessions while ``P:total`` exceeds the cap (a victim's manifest
+goes first, then each of its blocks that no other manifest names). A writer killed between the
+two steps leaves only orphan blocks, which expire; a manifest never names a missing block, short of
+TTL expiry, which the reader detects. The layout assumes one Redis (not Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kvsync.blocks import Block
+from kvsync.config import RedisSection, StoreSection
+from kvsync.protocol import Manifest
+
+# Blocks outlive their manifest by this much, so a manifest read just before it expires does not
+# find its blocks already gone.
+BLOCK_TTL_GRACE_MS = 60_000
+
+_EVICT = """
+local function evict(p, v, lru, bytes_key, total_key)
+  local mk = p .. ':manifest:' .. v
+  local m = redis.call('GET', mk)
+  if m then
+    local ok, d = pcall(cjson.decode, m)
+    if ok and type(d) == 'table' and type(d.blocks) == 'table' then
+      for _, b in ipairs(d.blocks) do
+        if type(b) == 'table' and type(b.key) == 'string' then
+          local n = redis.call('DECR', p .. ':ref:' .. b.key)
+          if n <= 0 then redis.call('DEL', p .. ':ref:' .. b.key, p .. ':block:' .. b.key) end
+        end
+      end
+    end
+    redis.call('DEL', mk)
+  end
+  local nb = tonumber(redis.call('HGET', bytes_key, v) or '0') or 0
+  redis.call('HDEL', bytes_key, v)
+  redis.call('ZREM', lru, v)
+  redis.call('DECRBY', total_key, nb)
+end
+"""
+
+# KEYS: manifest, lru, bytes, total.
+# ARGV: prefix, session, manifest json, manifest ttl ms, block ttl ms, now ms, session bytes, cap bytes,
+#       then the block hashes the manifest names, in order.
+COMMIT_SCRIPT = _EVICT + """
+local p, sid = ARGV[1], ARGV[2]
+local ttl, block_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local first = 9
+local missing = {}
+for i = first, #ARGV do
+  if redis.call('EXISTS', p .. ':block:' .. ARGV[i]) == 0 then table.insert(missing, ARGV[i]) end
+end
+if #missing > 0 then return {0, missing, {}, 0} end
+local oldset = {}
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, d = pcall(cjson.decode, old)
+  if ok and type(d) == 'table' and type(d.blocks) == 'table' then
+    for _, b in ipairs(d.blocks) do
+      if type(b) == 'table' and type(b.key) == 'string' then oldset[b.key] = true end
+    end
+  end
+end
+local newset = {}
+for i = first, #ARGV do
+  local h = ARGV[i]
+  if not newset[h] then
+    newset[h] = true
+    if not oldset[h] then redis.call('INCR', p .. ':ref:' .. h) end
+    redis.call('PEXPIRE', p .. ':block:' .. h, block_ttl)
+    redis.call('PEXPIRE', p .. ':ref:' .. h, block_ttl)
+  end
+end
+for h, _ in pairs(oldset) do
+  if not newset[h] then
+    local n = redis.call('DECR', p .. ':ref:' .. h)
+    if n <= 0 then redis.call('DEL', p .. ':ref:' .. h, p .. ':block:' .. h) end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ttl)
+local oldbytes = tonumber(redis.call('HGET', KEYS[3], sid) or '0') or 0
+redis.call('HSET', KEYS[3], sid, ARGV[7])
+redis.call('INCRBY', KEYS[4], tonumber(ARGV[7]) - oldbytes)
+redis.call('ZADD', KEYS[2], ARGV[6], sid)
+local evicted = {}
+local cap = tonumber(ARGV[8])
+if cap > 0 then
+  for _ = 1, 100000 do
+    if (tonumber(redis.call('GET', KEYS[4]) or '0') or 0) <= cap then break end
+    local victims = redis.call('ZRANGE', KEYS[2], 0, 1)
+    local v = victims[1]
+    if v == sid then v = victims[2] end
+    if not v then break end
+    evict(p, v, KEYS[2], KEYS[3], KEYS[4])
+    table.insert(evicted, v)
+  end
+end
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], block_ttl) end
+return {1, {}, evicted, tonumber(redis.call('GET', KEYS[4]) or '0') or 0}
+"""
+
+# KEYS: manifest, lru, bytes, total. ARGV: prefix, session.
+DELETE_SCRIPT = _EVICT + """
+evict(ARGV[1], ARGV[2], KEYS[2], KEYS[3], KEYS[4])
+return 1
+"""
+
+
+@dataclass
+class CommitResult:
+    committed: bool
+    missing: list[str] = field(default_factory=list)  # block hashes that were not in Redis
+    evicted: list[str] = field(default_factory=list)  # sessions evicted by the memory cap
+    total_bytes: int = 0
+
+
+class KVStore:
+    """All of kvsync's Redis I/O. Raises redis-py's errors; callers decide about retries."""
+
+    def __init__(self, redis_cfg: RedisSection, store_cfg: StoreSection) -> None:
+        self.cfg = redis_cfg
+        self.store_cfg = store_cfg
+        self.prefix = redis_cfg.key_prefix
+        self.redis = aioredis.Redis.from_url(
+            redis_cfg.url,
+            socket_timeout=redis_cfg.socket_timeout_s,
+            socket_connect_timeout=redis_cfg.connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._commit = self.redis.register_script(COMMIT_SCRIPT)
+        self._delete = self.redis.register_script(DELETE_SCRIPT)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- keys ----------------------------------------------------------------------------------------------
+    def block_key(self, block_hash: str) -> str:
+        return f"{self.prefix}:block:{block_hash}"
+
+    def manifest_key(self, session_id: str) -> str:
+        return f"{self.prefix}:manifest:{session_id}"
+
+    @property
+    def _index_keys(self) -> list[str]:
+        return [f"{self.prefix}:lru", f"{self.prefix}:bytes", f"{self.prefix}:total"]
+
+    @property
+    def manifest_ttl_ms(self) -> int:
+        return max(1, int(self.store_cfg.ttl_s * 1000))
+
+    @property
+    def block_ttl_ms(self) -> int:
+        return self.manifest_ttl_ms + BLOCK_TTL_GRACE_MS
+
+    # -- writes --------------------------------------------------------------------------------------------
+    async def put_blocks(self, blocks: Sequence[Block]) -> None:
+        """SET each block with its TTL (one pipeline, no transaction: blocks are idempotent)."""
+        if not blocks:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in blocks:
+                pipe.set(self.block_key(b.ref.key), b.data, px=self.block_ttl_ms)
+            await pipe.execute()
+
+    async def commit(self, manifest: Manifest, now_ms: int | None = None) -> CommitResult:
+        """Atomically SET ``manifest`` if every block it names exists; evict LRU sessions past the cap."""
+        body = manifest.to_json()
+        session_bytes = manifest.stored_bytes + len(body)
+        res = await self._commit(
+            keys=[self.manifest_key(manifest.session_id), *self._index_keys],
+            args=[self.prefix, manifest.session_id, body, self.manifest_ttl_ms, self.block_ttl_ms,
+                  now_ms if now_ms is not None else int(time.time() * 1000), session_bytes,
+                  self.store_cfg.max_memory_bytes, *[b.key for b in manifest.blocks]],
+        )
+        ok, missing, evicted, total = res
+        return CommitResult(committed=bool(int(ok)), missing=[_s(m) for m in missing],
+                            evicted=[_s(e) for e in evicted], total_bytes=int(total))
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._delete(keys=[self.manifest_key(session_id), *self._index_keys],
+                           args=[self.prefix, session_id])
+
+    async def touch(self, session_id: str, now_ms: int | None = None) -> None:
+        """Mark a session used (for LRU eviction) without rewriting it."""
+        await self.redis.zadd(f"{self.prefix}:lru",
+                              {session_id: now_ms if now_ms is not None else int(time.time() * 1000)}, xx=True)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    async def read_manifest(self, session_id: str) -> bytes | None:
+        return await self.redis.get(self.manifest_key(session_id))
+
+    async def read_blocks(self, block_hashes: Sequence[str]) -> list[bytes | None]:
+        if not block_hashes:
+            return []
+        return list(await self.redis.mget([self.block_key(h) for h in block_hashes]))
+
+    async def total_bytes(self) -> int:
+        return int(await self.redis.get(f"{self.prefix}:total") or 0)
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
