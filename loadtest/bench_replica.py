@@ -8,7 +8,8 @@
   present from the start (one left-padded batched prefill, then batched decode steps that drop
   finished rows). Nothing can do the same work faster on this model: it is the ceiling;
 - sequential ``generate()``, one request at a time;
-- transformers' own continuous batching, ``model.generate_batch``.
+- transformers' own continuous batching (the manager behind ``model.generate_batch``), with
+  the same arrivals.
 
 Usage: ``python -m loadtest.bench_replica [--requests 32] [--model DIR] [--skip-sequential]``
 """
@@ -118,19 +119,34 @@ def run_sequential(loaded: LoadedModel, work: list[Work]) -> tuple[float, int]:
 
 
 def run_generate_batch(loaded: LoadedModel, work: list[Work]) -> tuple[float, int]:
+    """transformers' own continuous batching: the manager behind ``generate_batch``, fed every
+    request with its own ``max_new_tokens`` (one ``generate_batch`` call per output length was
+    slower still: it cannot mix lengths in one batch)."""
     from transformers import GenerationConfig
 
-    # One call per distinct output length (generate_batch takes one config); all in the timing.
-    by_len: dict[int, list[list[int]]] = {}
-    for w in work:
-        by_len.setdefault(w.num_output_tokens, []).append(w.prompt)
-    t0 = time.perf_counter()
-    total = 0
-    for n, prompts in by_len.items():
-        gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        outs = loaded.model.generate_batch(inputs=prompts, generation_config=gc, warmup=False)
-        total += sum(len(o.generated_tokens) for o in outs.values())
-    return time.perf_counter() - t0, total
+    gc = GenerationConfig(max_new_tokens=max(w.num_output_tokens for w in work), do_sample=False,
+                          eos_token_id=-1, pad_token_id=0)
+    manager = loaded.model.init_continuous_batching(generation_config=gc)
+    manager.start()
+    try:
+        t0 = time.perf_counter()
+        pending = sorted(enumerate(work), key=lambda iw: iw[1].arrival_s)
+        for i, w in pending:
+            delay = w.arrival_s - (time.perf_counter() - t0)
+            if delay > 0:
+                time.sleep(delay)
+            manager.add_request(w.prompt, request_id=f"r{i}", max_new_tokens=w.num_output_tokens)
+        done = total = 0
+        while done < len(work):
+            result = manager.get_result(timeout=120)
+            if result is None:
+                raise TimeoutError("transformers' continuous batching produced nothing for 120 s")
+            if result.is_finished():
+                done += 1
+                total += len(result.generated_tokens)
+        return time.perf_counter() - t0, total
+    finally:
+        manager.stop(block=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_sequential:
         results["sequential generate()"] = run_sequential(loaded, work)
     if not args.skip_generate_batch:
-        results["transformers generate_batch"] = run_generate_batch(loaded, work)
+        results["transformers continuous batching (generate_batch)"] = run_generate_batch(loaded, work)
 
     num_tokens = sum(w.num_output_tokens for w in work)
     print(f"{args.requests} requests, {sum(len(w.prompt) for w in work)} prompt tokens, {num_tokens} output "
