@@ -1,0 +1,130 @@
+"""Incremental detokenization with exact token accounting.
+
+The engine hands over token ids one by one; clients want text. :class:`IncrementalDetokenizer`
+turns ids into text pieces such that
+
+- every piece carries the ids of exactly the tokens whose text it contains, so the concatenation
+  of all pieces' ids is the whole completion and the concatenation of their texts is its text
+  (the gateway resumes a broken stream from those ids);
+- a token that ends inside a multi-byte UTF-8 character (its text ends with ``"\\ufffd"``) is held
+  back until the character is complete;
+- text that could be the beginning of a stop string is held back until it is known not to be
+  one; when a stop string appears, the text is cut just before it and :attr:`stopped` is set.
+
+Pieces always end on token boundaries: text is never split inside one token's text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class DetokenizedPiece:
+    """New text and the ids of exactly the tokens it came from."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.text) or bool(self.token_ids)
+
+
+class IncrementalDetokenizer:
+    """Turns one request's generated ids into text pieces (see the module docstring).
+
+    ``max_held_tokens`` bounds how long an undecodable tail is held: a token whose own text is a
+    literal U+FFFD would otherwise hold everything after it.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] = (),
+        *,
+        skip_special_tokens: bool = True,
+        max_held_tokens: int = 8,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.skip_special_tokens = skip_special_tokens
+        self.max_held_tokens = max_held_tokens
+        self.text = ""  # everything emitted so far
+        self.token_ids: list[int] = []  # every id emitted so far
+        self.pending: list[int] = []  # ids whose text is not emitted yet
+        self.stopped = False  # a stop string was found; nothing more is accepted
+        self.stop_string: str | None = None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def _emit(self, text: str, ids: list[int]) -> DetokenizedPiece:
+        self.text += text
+        self.token_ids.extend(ids)
+        return DetokenizedPiece(text, ids)
+
+    def _stop_holdback(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def add(self, token_id: int) -> DetokenizedPiece:
+        """Take one generated id; return what can be released now (possibly empty)."""
+        if self.stopped:
+            return DetokenizedPiece("")
+        self.pending.append(int(token_id))
+        pending_text = self._decode(self.pending)
+        if self.stop:
+            cut = self._find_stop(pending_text)
+            if cut is not None:
+                self.stopped = True
+                ids, self.pending = self.pending, []
+                return self._emit(pending_text[:cut], ids)
+        safe_len = len(pending_text) - self._stop_holdback(pending_text)
+        force = len(self.pending) > self.max_held_tokens and safe_len == len(pending_text)
+        # The longest run of whole pending tokens whose text is complete and safe to show.
+        for k in range(len(self.pending), 0, -1):
+            text_k = pending_text if k == len(self.pending) else self._decode(self.pending[:k])
+            if len(text_k) > safe_len:
+                continue
+            if text_k.endswith(REPLACEMENT_CHAR) and not force:
+                continue
+            if not text_k:
+                # Only special tokens so far (skipped as empty text): let their ids ride along
+                # with the next visible text rather than sending an empty delta.
+                return DetokenizedPiece("")
+            ids, self.pending = self.pending[:k], self.pending[k:]
+            return self._emit(text_k, ids)
+        return DetokenizedPiece("")
+
+    def _find_stop(self, pending_text: str) -> int | None:
+        """Where in the pending text the earliest stop string begins, if any. Emitted text never
+        holds one, and a possible beginning was held back, so only the pending text is searched."""
+        cut: int | None = None
+        for s in self.stop:
+            i = pending_text.find(s)
+            if i >= 0 and (cut is None or i < cut):
+                cut = i
+        return cut
+
+    def flush(self) -> DetokenizedPiece:
+        """The request ended: release whatever is held (text and ids)."""
+        if self.stopped or not self.pending:
+            return DetokenizedPiece("")
+        ids, self.pending = self.pending, []
+        return self._emit(self._decode(ids), ids)
+
+
+__all__ = ["DetokenizedPiece", "IncrementalDetokenizer"]
