@@ -90,6 +90,7 @@ class IncrementalDetokenizer:
             cut = self._find_stop(pending_text)
             if cut is not None:
                 self.stopped = True
+                self.stop_string = next(x for x in self.stop if pending_text.startswith(x, cut))
                 ids, self.pending = self.pending, []
                 return self._emit(pending_text[:cut], ids)
         safe_len = len(pending_text) - self._stop_holdback(pending_text)
