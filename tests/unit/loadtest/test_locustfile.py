@@ -1,0 +1,50 @@
+"""``locust -f loadtest/locustfile.py --headless`` against the fake server: CSV, HTML and the
+events file come out, custom TTFT/ITL/TOK/S entries are there, and a misbehaving server makes
+failures (and a failing exit status)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+
+def _locust(url: str, out: Path, run_time_s: int = 4) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "3", "-r", "3",
+           "-t", f"{run_time_s}s", "--host", url, "--csv", str(out / "load"), "--html", str(out / "load.html"),
+           "--events-file", str(out / "events.jsonl"), "--max-tokens", "6", "--wait-s", "0.05",
+           "--only-summary", "--stop-timeout", "5"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[3])
+
+
+def test_headless_run_writes_csv_html_and_events(fake_gateway, tmp_path: Path) -> None:
+    proc = _locust(fake_gateway.url, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "load_stats.csv").open()))
+    types = {r["Type"] for r in rows}
+    assert {"TTFT", "ITL", "TOK/S"} <= types and ({"SSE", "POST"} & types)
+    assert all(r["Failure Count"] == "0" for r in rows)
+    assert (tmp_path / "load.html").stat().st_size > 1000
+    records = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    assert len(records) >= 5 and all(r["ok"] for r in records)
+    assert {r["kind"] for r in records} == {"single", "session"}
+
+
+def test_a_bad_server_makes_locust_fail(fake_gateway, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    def break_later() -> None:  # after the references are made
+        time.sleep(1.5)
+        fake_gateway.misbehave.add("duplicate")
+
+    threading.Thread(target=break_later, daemon=True).start()
+    proc = _locust(fake_gateway.url, tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    kinds = {r["failure_kind"] for r in records if not r["ok"]}
+    assert kinds and kinds <= {"tokens_repeated"}
