@@ -72,6 +72,8 @@ class KVSyncClient:
         self.num_refused = 0  # sent, refused (need_full, busy, invalid)
         self.num_failed = 0  # sent, sidecar unreachable or failed
         self.num_bytes_sent = 0
+        self._unsent = 0  # queued or being sent
+        self._unsent_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,11 +101,13 @@ class KVSyncClient:
         """Queue ``snapshot`` for the sidecar; False (and a count) when the queue is full."""
         if snapshot.start % self.block_tokens:
             raise ValueError(f"snapshot start {snapshot.start} is not a multiple of {self.block_tokens}")
-        try:
-            self._queue.put_nowait(snapshot)
-        except queue.Full:
-            self.num_dropped += 1
-            return False
+        with self._unsent_lock:
+            try:
+                self._queue.put_nowait(snapshot)
+            except queue.Full:
+                self.num_dropped += 1
+                return False
+            self._unsent += 1
         return True
 
     def needs_full(self, session_id: str) -> bool:
@@ -113,6 +117,11 @@ class KVSyncClient:
     @property
     def num_queued(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Snapshots queued or being sent."""
+        return self._unsent
 
     # -- the background thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -126,6 +135,9 @@ class KVSyncClient:
                 log.exception("kvsync client: sending a snapshot failed")
                 self._needs_full.add(item.session_id)
                 self.num_failed += 1
+            finally:
+                with self._unsent_lock:
+                    self._unsent -= 1
         if self._conn is not None:
             self._conn.close()
             self._conn = None

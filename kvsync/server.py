@@ -31,7 +31,7 @@ from kvsync.protocol import (
 from kvsync.restore import restore_session
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES, ReplicationWriter
-from unbroken.errors import InvalidRequestError, OverloadedError
+from unbroken.errors import InvalidRequestError, OverloadedError, PayloadTooLargeError
 from unbroken.http import error_middleware, json_response
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ METRICS = web.AppKey("metrics", KVSyncMetrics)
 STORE = web.AppKey("store", KVStore)
 WRITER = web.AppKey("writer", ReplicationWriter)
 
+CHUNK_BYTES = 4 * 1024 * 1024
 _PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "invalid": 400}
 
 
@@ -77,7 +78,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def publish(request: web.Request) -> web.Response:
-    body = await request.read()
+    body = await _read_body(request)
     reply = await request.app[WRITER].accept(request.match_info["session_id"], body)
     status = _PUBLISH_STATUS.get(reply.status, 400)
     headers = {"Retry-After": "1"} if reply.status == "busy" else None
@@ -96,10 +97,37 @@ async def fetch(request: web.Request) -> web.StreamResponse:
     if result.outcome == "restored" and result.wire is not None:
         if result.manifest is not None:
             request.app[WRITER].remember(result.manifest)
-        return web.Response(body=result.wire, content_type=CONTENT_TYPE_SNAPSHOT,
-                            headers={OUTCOME_HEADER: "restored"})
+        return await _send_chunked(request, result.wire)
     reply = FetchReply(result.outcome, result.message, result.transcript)
     return json_response(reply.to_dict(), headers={OUTCOME_HEADER: result.outcome})
+
+
+async def _read_body(request: web.Request) -> bytearray:
+    """The body, read chunk by chunk into one buffer (no big synchronous join on the loop)."""
+    n = request.content_length
+    limit = request.app[CONFIG].server.max_body_bytes
+    if n is None or n > limit:
+        if n is not None:
+            raise PayloadTooLargeError(f"snapshot of {n} bytes exceeds server.max_body_bytes = {limit}")
+        return bytearray(await request.read())
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return buf
+
+
+async def _send_chunked(request: web.Request, wire: bytes) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={OUTCOME_HEADER: "restored", "Content-Type": CONTENT_TYPE_SNAPSHOT})
+    resp.content_length = len(wire)
+    await resp.prepare(request)
+    view = memoryview(wire)
+    for i in range(0, len(wire), CHUNK_BYTES):
+        await resp.write(view[i:i + CHUNK_BYTES])
+    await resp.write_eof()
+    return resp
 
 
 async def delete(request: web.Request) -> web.Response:

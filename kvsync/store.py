@@ -34,6 +34,7 @@ from kvsync.protocol import Manifest
 # Blocks outlive their manifest by this much, so a manifest read just before it expires does not
 # find its blocks already gone.
 BLOCK_TTL_GRACE_MS = 60_000
+PIPELINE_BYTES = 4 * 1024 * 1024
 
 _EVICT = """
 local function evict(p, v, lru, bytes_key, total_key)
@@ -174,9 +175,21 @@ class KVStore:
 
     # -- writes --------------------------------------------------------------------------------------------
     async def put_blocks(self, blocks: Sequence[Block]) -> None:
-        """SET each block with its TTL (one pipeline, no transaction: blocks are idempotent)."""
-        if not blocks:
-            return
+        """SET each block with its TTL, in pipelines of at most ``PIPELINE_BYTES`` (no
+        transaction: blocks are idempotent). Small pipelines keep the event loop responsive: the
+        socket write of one pipeline is a single synchronous buffer copy."""
+        batch: list[Block] = []
+        size = 0
+        for b in blocks:
+            batch.append(b)
+            size += len(b.data)
+            if size >= PIPELINE_BYTES:
+                await self._set_blocks(batch)
+                batch, size = [], 0
+        if batch:
+            await self._set_blocks(batch)
+
+    async def _set_blocks(self, blocks: Sequence[Block]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for b in blocks:
                 pipe.set(self.block_key(b.ref.key), b.data, px=self.block_ttl_ms)
@@ -209,10 +222,12 @@ class KVStore:
     async def read_manifest(self, session_id: str) -> bytes | None:
         return await self.redis.get(self.manifest_key(session_id))
 
-    async def read_blocks(self, block_hashes: Sequence[str]) -> list[bytes | None]:
-        if not block_hashes:
-            return []
-        return list(await self.redis.mget([self.block_key(h) for h in block_hashes]))
+    async def read_blocks(self, block_hashes: Sequence[str], batch_size: int = 16) -> list[bytes | None]:
+        """GET blocks in batches (MGET) so no single reply is huge."""
+        out: list[bytes | None] = []
+        for i in range(0, len(block_hashes), batch_size):
+            out.extend(await self.redis.mget([self.block_key(h) for h in block_hashes[i:i + batch_size]]))
+        return out
 
     async def total_bytes(self) -> int:
         return int(await self.redis.get(f"{self.prefix}:total") or 0)

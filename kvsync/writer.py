@@ -113,7 +113,7 @@ class ReplicationWriter:
         }
 
     # -- accepting snapshots -------------------------------------------------------------------------------
-    async def accept(self, session_id: str, body: bytes) -> PublishReply:
+    async def accept(self, session_id: str, body: bytes | bytearray) -> PublishReply:
         """Take one posted snapshot (wire form). Never touches Redis."""
         cap = self.config.writer.max_pending_bytes
         if self.pending_bytes + len(body) > cap:

@@ -1,0 +1,321 @@
+"""The kvsync sidecar as a real process against a real redis-server, driven by the real
+``KVSyncClient`` with synthetic KV: write/read, incremental blocks, TTL, the LRU memory cap,
+bad data in Redis, and an event loop that never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import zlib
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pytest
+import redis
+import torch
+
+from kvsync.blocks import chain_keys
+from kvsync.client import KVSyncClient
+from kvsync.protocol import BlockRef, Manifest
+from kvsync.testing import (
+    metric_value,
+    snapshot_of,
+    start_sidecar,
+    synthetic_identity,
+    synthetic_kv,
+    wait_replicated,
+)
+
+B = 8
+PREFIX = "unbroken:kv"
+IDENT = synthetic_identity()
+TRANSCRIPT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+
+
+@pytest.fixture
+def sidecar(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    settings = {"store.block_tokens": B, **getattr(request, "param", {})}
+    proc, url = start_sidecar(redis_url, log_path=tmp_path / "kvsync.log", settings=settings)
+    try:
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(sidecar: str) -> Iterator[KVSyncClient]:
+    c = KVSyncClient(sidecar, block_tokens=B, max_pending=8)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _fetch(client: KVSyncClient, session_id: str, identity=IDENT, timeout_s: float = 10.0):
+    return asyncio.run(client.fetch(session_id, identity, timeout_s))
+
+
+def _assert_kv_equal(snapshot, keys, values, n: int) -> None:
+    assert snapshot.start == 0 and len(snapshot.token_ids) == n
+    for got, want in zip(snapshot.keys + snapshot.values, keys + values):
+        assert torch.equal(got, want[:, :n])
+
+
+def test_write_then_read_back_exactly(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
+    keys, values = synthetic_kv(IDENT, 21)
+    tokens = list(range(500, 521))
+    assert client.publish(snapshot_of("s1", IDENT, tokens, keys, values, transcript=TRANSCRIPT))
+    wait_replicated(sidecar, client=client)
+    res = _fetch(client, "s1")
+    assert res.outcome == "restored" and res.transcript == TRANSCRIPT
+    assert res.snapshot.token_ids == tokens
+    _assert_kv_equal(res.snapshot, keys, values, 21)
+    # Blocks in Redis are exactly the chain of the token ids (3 blocks: 8, 8, 5 tokens).
+    r = redis.Redis.from_url(redis_url)
+    manifest = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"))
+    assert [b.key for b in manifest.blocks] == chain_keys(IDENT, tokens, B)
+    assert [b.num_tokens for b in manifest.blocks] == [8, 8, 5]
+    assert all(r.exists(f"{PREFIX}:block:{b.key}") for b in manifest.blocks)
+    # Unknown session, another model, another adapter.
+    assert _fetch(client, "nobody").outcome == "missing"
+    other = _fetch(client, "s1", synthetic_identity(revision="r2"))
+    assert other.outcome == "mismatch" and other.snapshot is None and other.transcript == TRANSCRIPT
+    assert _fetch(client, "s1", synthetic_identity(adapter="lora")).outcome == "mismatch"
+    assert metric_value(sidecar, "unbroken_kvsync_restores_total", {"outcome": "restored"}) == 1
+    assert metric_value(sidecar, "unbroken_kvsync_restores_total", {"outcome": "mismatch"}) == 2
+    assert metric_value(sidecar, "unbroken_kvsync_restore_seconds_count") == 4
+
+
+def test_incremental_snapshots_send_only_new_blocks(client: KVSyncClient, sidecar: str) -> None:
+    keys, values = synthetic_kv(IDENT, 40, seed=3)
+    tokens = list(range(1000, 1040))
+    assert client.publish(snapshot_of("s1", IDENT, tokens[:20], keys, values))  # blocks 0-8, 8-16, 16-20
+    wait_replicated(sidecar, client=client)
+    assert metric_value(sidecar, "unbroken_kvsync_blocks_written_total") == 3
+    # The next turn: 40 tokens, sent from token 16 (the partial block is re-sent whole).
+    inc = snapshot_of("s1", IDENT, tokens, keys, values, start=16, transcript=TRANSCRIPT)
+    assert inc.keys[0].shape[1] == 24
+    assert client.publish(inc)
+    wait_replicated(sidecar, client=client)
+    assert metric_value(sidecar, "unbroken_kvsync_blocks_written_total") == 6
+    assert metric_value(sidecar, "unbroken_kvsync_snapshots_received_total", {"kind": "incremental"}) == 1
+    assert not client.needs_full("s1")
+    res = _fetch(client, "s1")
+    assert res.outcome == "restored" and res.transcript == TRANSCRIPT
+    _assert_kv_equal(res.snapshot, keys, values, 40)
+    # A snapshot without a transcript keeps the last one.
+    assert client.publish(snapshot_of("s1", IDENT, tokens, keys, values, start=32))
+    wait_replicated(sidecar, client=client)
+    assert _fetch(client, "s1").transcript == TRANSCRIPT
+
+
+def test_incremental_without_a_base_asks_for_a_full_one(client: KVSyncClient, sidecar: str) -> None:
+    keys, values = synthetic_kv(IDENT, 30, seed=4)
+    tokens = list(range(30))
+    assert client.publish(snapshot_of("fresh", IDENT, tokens, keys, values, start=16))
+    wait_replicated(sidecar, client=client)
+    assert client.needs_full("fresh") and client.num_refused == 1
+    assert _fetch(client, "fresh").outcome == "missing"
+    # A base that differs in its tokens is no base either.
+    assert client.publish(snapshot_of("s2", IDENT, tokens, keys, values))
+    wait_replicated(sidecar, client=client)
+    assert client.publish(snapshot_of("s2", IDENT, [7] + tokens[1:], keys, values, start=16))
+    wait_replicated(sidecar, client=client)
+    assert client.needs_full("s2")
+    # The engine then sends a full one, which clears the flag.
+    assert client.publish(snapshot_of("fresh", IDENT, tokens, keys, values))
+    wait_replicated(sidecar, client=client)
+    assert not client.needs_full("fresh")
+    assert _fetch(client, "fresh").outcome == "restored"
+    assert metric_value(sidecar, "unbroken_kvsync_snapshots_refused_total", {"reason": "need_full"}) == 2
+
+
+def test_a_restored_session_continues_incrementally_on_another_sidecar(
+        client: KVSyncClient, sidecar: str, redis_url: str, tmp_path: Path) -> None:
+    keys, values = synthetic_kv(IDENT, 40, seed=5)
+    tokens = list(range(40))
+    assert client.publish(snapshot_of("s1", IDENT, tokens[:20], keys, values))
+    wait_replicated(sidecar, client=client)
+    proc_b, url_b = start_sidecar(redis_url, log_path=tmp_path / "b.log", settings={"store.block_tokens": B})
+    client_b = KVSyncClient(url_b, block_tokens=B)
+    client_b.start()
+    try:
+        assert _fetch(client_b, "s1").outcome == "restored"
+        assert client_b.publish(snapshot_of("s1", IDENT, tokens, keys, values, start=16))
+        wait_replicated(url_b, client=client_b)
+        assert not client_b.needs_full("s1") and client_b.num_published == 1
+        res = _fetch(client, "s1")
+        assert res.outcome == "restored"
+        _assert_kv_equal(res.snapshot, keys, values, 40)
+    finally:
+        client_b.close()
+        proc_b.stop()
+
+
+def _keys_with_ttl(r: redis.Redis) -> dict[str, int]:
+    return {k.decode(): r.pttl(k) for k in r.scan_iter(match=f"{PREFIX}:*")}
+
+
+@pytest.mark.parametrize("sidecar", [{"store.ttl_s": 1.0}], indirect=True)
+def test_every_key_has_a_ttl_and_snapshots_expire(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
+    keys, values = synthetic_kv(IDENT, 12)
+    assert client.publish(snapshot_of("s1", IDENT, list(range(12)), keys, values))
+    wait_replicated(sidecar, client=client)
+    r = redis.Redis.from_url(redis_url)
+    ttls = _keys_with_ttl(r)
+    assert f"{PREFIX}:manifest:s1" in ttls and any(":block:" in k for k in ttls)
+    assert all(t > 0 for t in ttls.values()), ttls  # -1 would mean no TTL
+    assert 0 < ttls[f"{PREFIX}:manifest:s1"] <= 1000
+    assert all(t > ttls[f"{PREFIX}:manifest:s1"] for k, t in ttls.items() if ":block:" in k)
+    time.sleep(1.3)
+    assert _fetch(client, "s1").outcome == "missing"
+
+
+SESSION_TOKENS = 16  # two blocks; ~2 KB of KV per session with the synthetic identity
+
+
+@pytest.mark.parametrize("sidecar", [{"store.max_memory_bytes": 11000}], indirect=True)
+def test_memory_cap_evicts_least_recently_used_sessions(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    kv = {}
+    for i, sid in enumerate(["a", "b"]):
+        kv[sid] = synthetic_kv(IDENT, SESSION_TOKENS, seed=10 + i)
+        assert client.publish(snapshot_of(sid, IDENT, list(range(i * 100, i * 100 + SESSION_TOKENS)), *kv[sid]))
+        wait_replicated(sidecar, client=client)
+    per_session = int(r.hget(f"{PREFIX}:bytes", "a"))
+    assert 2 * per_session <= 11000 < 3 * per_session, per_session
+    time.sleep(0.01)
+    assert _fetch(client, "a").outcome == "restored"  # "a" is now more recent than "b"
+    # "c" shares its first block with "a" (same prefix): content-addressed, stored once.
+    kv["c"] = synthetic_kv(IDENT, SESSION_TOKENS, seed=12)
+    c_tokens = list(range(0, 8)) + list(range(900, 908))
+    c_keys = [torch.cat([a[:, :8], c[:, 8:]], dim=1) for a, c in zip(kv["a"][0], kv["c"][0])]
+    c_values = [torch.cat([a[:, :8], c[:, 8:]], dim=1) for a, c in zip(kv["a"][1], kv["c"][1])]
+    assert client.publish(snapshot_of("c", IDENT, c_tokens, c_keys, c_values))
+    wait_replicated(sidecar, client=client)
+    assert _fetch(client, "b").outcome == "missing"  # evicted: least recently used
+    assert _fetch(client, "a").outcome == "restored"
+    assert _fetch(client, "c").outcome == "restored"
+    assert int(r.get(f"{PREFIX}:total")) <= 11000
+    assert metric_value(sidecar, "unbroken_kvsync_sessions_evicted_total") == 1
+    # "b"'s blocks are gone; the shared block of "a" and "c" is counted twice and kept.
+    blocks = {k.decode().split(":")[-1] for k in r.scan_iter(match=f"{PREFIX}:block:*")}
+    b_keys = chain_keys(IDENT, list(range(100, 100 + SESSION_TOKENS)), B)
+    a_keys = chain_keys(IDENT, list(range(SESSION_TOKENS)), B)
+    c_keys_chain = chain_keys(IDENT, c_tokens, B)
+    assert not blocks & set(b_keys)
+    assert a_keys[0] == c_keys_chain[0] and blocks == set(a_keys) | set(c_keys_chain)
+    assert int(r.get(f"{PREFIX}:ref:{a_keys[0]}")) == 2
+    # Evicting "a" next must keep the block "c" still uses.
+    kv["d"] = synthetic_kv(IDENT, SESSION_TOKENS, seed=13)
+    assert _fetch(client, "c").outcome == "restored"
+    assert client.publish(snapshot_of("d", IDENT, list(range(300, 300 + SESSION_TOKENS)), *kv["d"]))
+    wait_replicated(sidecar, client=client)
+    assert _fetch(client, "a").outcome == "missing"
+    res = _fetch(client, "c")
+    assert res.outcome == "restored"
+    for got, want in zip(res.snapshot.keys, c_keys):
+        assert torch.equal(got, want)
+
+
+def _put_manifest(r: redis.Redis, m: Manifest) -> None:
+    r.set(f"{PREFIX}:manifest:{m.session_id}", m.to_json(), px=60_000)
+
+
+def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    keys, values = synthetic_kv(IDENT, 20, seed=7)
+    sessions = ("trunc", "flip", "dtype", "shape", "gone", "other", "garbage")
+    tokens = {sid: list(range(i * 100, i * 100 + 20)) for i, sid in enumerate(sessions)}  # no shared blocks
+    for sid in sessions:
+        assert client.publish(snapshot_of(sid, IDENT, tokens[sid], keys, values, transcript=TRANSCRIPT))
+    wait_replicated(sidecar, client=client)
+
+    def manifest(sid: str) -> Manifest:
+        return Manifest.from_json(r.get(f"{PREFIX}:manifest:{sid}"))
+
+    def block_key(sid: str) -> str:
+        return f"{PREFIX}:block:{manifest(sid).blocks[1].key}"
+
+    blob = r.get(block_key("trunc"))
+    r.set(block_key("trunc"), blob[:-10], keepttl=True)
+    r.set(block_key("flip"), bytes([blob[0] ^ 0xFF]) + blob[1:], keepttl=True)
+    r.delete(block_key("gone"))
+    m = manifest("dtype")
+    m.dtype = "bfloat16"
+    _put_manifest(r, m)
+    # Another model's KV under this session: a manifest with another identity.
+    m = manifest("other")
+    m.identity = synthetic_identity(num_kv_heads=1)
+    _put_manifest(r, m)
+    # Data of another shape, with the manifest's checksum and size made to match it.
+    m = manifest("shape")
+    small = blob[: len(blob) // 2]
+    r.set(block_key("shape"), small, keepttl=True)
+    m.blocks[1] = BlockRef(m.blocks[1].key, 8, len(small), m.blocks[1].raw_bytes, zlib.crc32(small))
+    _put_manifest(r, m)
+    r.set(f"{PREFIX}:manifest:garbage", b"\x00\x01 not json", px=60_000)
+
+    outcomes = {sid: _fetch(client, sid) for sid in ("trunc", "flip", "dtype", "shape", "gone", "other", "garbage")}
+    assert {sid: res.outcome for sid, res in outcomes.items()} == {
+        "trunc": "corrupt", "flip": "corrupt", "dtype": "corrupt", "shape": "corrupt",
+        "gone": "missing", "other": "mismatch", "garbage": "corrupt"}
+    assert all(res.snapshot is None for res in outcomes.values())
+    # The transcript is still handed back where the manifest itself is readable (for re-prefill).
+    assert outcomes["trunc"].transcript == TRANSCRIPT and outcomes["garbage"].transcript is None
+    for reason in ("truncated", "checksum", "dtype", "shape", "missing_block", "manifest"):
+        assert metric_value(sidecar, "unbroken_kvsync_bad_data_total", {"reason": reason}) >= 1, reason
+    # The sidecar still serves good sessions, and a new snapshot replaces a bad one.
+    assert client.publish(snapshot_of("trunc", IDENT, tokens["trunc"], keys, values))
+    wait_replicated(sidecar, client=client)
+    assert _fetch(client, "trunc").outcome == "restored"
+
+
+def test_event_loop_keeps_answering_while_a_large_snapshot_is_handled(
+        client: KVSyncClient, sidecar: str) -> None:
+    ident = synthetic_identity(num_layers=8, num_kv_heads=4, head_dim=64)
+    n = 8 * 1024  # 8 layers x 2 x 4 x 8192 x 64 x 4 bytes = 128 MiB
+    keys, values = synthetic_kv(ident, n)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            with urllib.request.urlopen(sidecar + "/health", timeout=10) as resp:
+                assert resp.status == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        snap = snapshot_of("big", ident, list(range(n)), keys, values)
+        t0 = time.monotonic()
+        assert client.publish(snap)
+        publish_s = time.monotonic() - t0
+        wait_replicated(sidecar, client=client, timeout_s=60)
+        res = asyncio.run(client.fetch("big", ident, 60))
+    finally:
+        stop.set()
+        t.join(15)
+    assert publish_s < 0.01  # publish only queues
+    assert res.outcome == "restored" and len(res.snapshot.token_ids) == n
+    assert len(latencies) > 5 and max(latencies) < 0.5, max(latencies)
+
+
+def test_health_state_and_metrics_endpoints(sidecar: str) -> None:
+    with urllib.request.urlopen(sidecar + "/health", timeout=5) as resp:
+        assert orjson.loads(resp.read())["status"] == "ok"
+    with urllib.request.urlopen(sidecar + "/v1/state", timeout=5) as resp:
+        assert orjson.loads(resp.read())["pending_sessions"] == 0
+    with urllib.request.urlopen(sidecar + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for name in ("snapshot_bytes_written_total", "blocks_written_total", "replication_lag_seconds",
+                 "replication_lag_tokens", "restores_total", "restore_seconds", "redis_errors_total",
+                 "snapshots_refused_total"):
+        assert "unbroken_kvsync_" + name in text
