@@ -93,8 +93,11 @@ class IncrementalDetokenizer:
                 self.stop_string = next(x for x in self.stop if pending_text.startswith(x, cut))
                 ids, self.pending = self.pending, []
                 return self._emit(pending_text[:cut], ids)
-        safe_len = len(pending_text) - self._stop_holdback(pending_text)
-        force = len(self.pending) > self.max_held_tokens and safe_len == len(pending_text)
+        # An incomplete character at the end may still complete a stop string's prefix: judge
+        # the prefix on the text before it.
+        complete = pending_text.rstrip(REPLACEMENT_CHAR)
+        safe_len = len(complete) - self._stop_holdback(complete) if self.stop else len(pending_text)
+        force = len(self.pending) > self.max_held_tokens
         # The longest run of whole pending tokens whose text is complete and safe to show.
         for k in range(len(self.pending), 0, -1):
             text_k = pending_text if k == len(self.pending) else self._decode(self.pending[:k])
