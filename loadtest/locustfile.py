@@ -52,6 +52,10 @@ def _add_arguments(parser) -> None:  # type: ignore[no-untyped-def]
                    help="Authorization bearer key for the gateway")
     g.add_argument("--events-file", default=os.environ.get("UNBROKEN_LOADTEST_EVENTS", ""),
                    help="append one JSON line per request here (for loadtest.report)")
+    g.add_argument("--load-duration-s", type=float,
+                   default=float(os.environ.get("UNBROKEN_LOADTEST_DURATION_S", 0)),
+                   help="stop this many seconds after the references are made (unlike -t, which also "
+                        "counts the time spent making them); 0 = off")
     g.add_argument("--references-file", default=os.environ.get("UNBROKEN_LOADTEST_REFERENCES", ""),
                    help="write the reference token ids here")
 
@@ -90,6 +94,16 @@ def _build_references(environment: Environment, **_kw: object) -> None:
     if path:
         with open(path, "wb") as f:
             f.write(orjson.dumps(book.to_dict()))
+    duration_s = getattr(opts, "load_duration_s", 0.0)
+    if duration_s > 0 and environment.runner is not None:
+        import gevent
+
+        def finish() -> None:
+            # stop() lets running tasks finish (--stop-timeout); quit() ends the headless run.
+            environment.runner.stop()
+            environment.runner.quit()
+
+        gevent.spawn_later(duration_s, finish)
 
 
 def _sink(environment: Environment):  # type: ignore[no-untyped-def]

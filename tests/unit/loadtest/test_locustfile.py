@@ -14,7 +14,7 @@ import orjson
 
 def _locust(url: str, out: Path, run_time_s: int = 4) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "3", "-r", "3",
-           "-t", f"{run_time_s}s", "--host", url, "--csv", str(out / "load"), "--html", str(out / "load.html"),
+           "-t", "60s", "--load-duration-s", str(run_time_s), "--host", url, "--csv", str(out / "load"), "--html", str(out / "load.html"),
            "--events-file", str(out / "events.jsonl"), "--max-tokens", "6", "--wait-s", "0.05",
            "--only-summary", "--stop-timeout", "5"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
@@ -22,7 +22,11 @@ def _locust(url: str, out: Path, run_time_s: int = 4) -> subprocess.CompletedPro
 
 
 def test_headless_run_writes_csv_html_and_events(fake_gateway, tmp_path: Path) -> None:
+    import time
+
+    t0 = time.monotonic()
     proc = _locust(fake_gateway.url, tmp_path)
+    assert time.monotonic() - t0 < 30  # --load-duration-s ended it, not -t 60s
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "load_stats.csv").open()))
     types = {r["Type"] for r in rows}
