@@ -115,7 +115,11 @@ class ReplicaHandle:
 
 
 def kvsync_available() -> bool:
-    return importlib.util.find_spec("kvsync.__main__") is not None
+    """Whether ``python -m kvsync`` can run here (installed, or in the working directory)."""
+    try:
+        return importlib.util.find_spec("kvsync.__main__") is not None
+    except ImportError:
+        return (Path.cwd() / "kvsync" / "__main__.py").is_file()
 
 
 class Stack:
@@ -177,7 +181,7 @@ class Stack:
             self._start_redis()
             self._ensure_model()
             for i in range(self.config.replicas.count):
-                self.replicas.append(self._start_replica(i))
+                self._start_replica(i)
             for r in self.replicas:
                 self._wait_replica(r)
             self._start_gateway()
@@ -270,7 +274,6 @@ class Stack:
             env.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
         if kvsync_port:
             args += ["--kvsync-url", f"http://{LOOPBACK}:{kvsync_port}"]
-            env.setdefault("UNBROKEN_REPLICA__KVSYNC__ENABLED", "true")
         if cfg.announce_in_redis and self.redis_url:
             args += ["--registry-redis-url", self.redis_url]
             env.setdefault("UNBROKEN_REPLICA__REGISTRY__ADVERTISE_URL", advertise_url)
@@ -281,31 +284,28 @@ class Stack:
 
     def _start_replica(self, index: int) -> ReplicaHandle:
         replica_id = f"r{index}"
-        port = free_port()
-        kvsync_proc: ManagedProcess | None = None
-        kvsync_port = 0
+        handle = ReplicaHandle(index=index, replica_id=replica_id, port=free_port(),
+                               process=ManagedProcess(replica_id, []))
+        self.replicas.append(handle)  # registered first, so stop() ends whatever starts below
         if self.config.kvsync.enabled and kvsync_available():
-            kvsync_port = free_port()
-            kargs = ["--port", str(kvsync_port), "--redis-url", self.redis_url]
+            handle.kvsync_port = free_port()
+            kargs = ["--port", str(handle.kvsync_port), "--redis-url", self.redis_url]
             if self.config.kvsync.config_path:
                 kargs += ["--config", self.config.kvsync.config_path]
-            kvsync_proc = ManagedProcess(
+            handle.kvsync = ManagedProcess(
                 f"kvsync-{replica_id}", python_module_cmd("kvsync", *kargs),
                 log_path=self._log(f"kvsync-{replica_id}"),
-                ready_url=f"http://{LOOPBACK}:{kvsync_port}/health",
+                ready_url=f"http://{LOOPBACK}:{handle.kvsync_port}/health",
             ).start()
-        proxy = None
         if self.config.fault_proxy.enabled:
             from loadtest.faultproxy import FaultProxy
 
-            proxy = FaultProxy(port, name=f"proxy-{replica_id}").start()
-        handle = ReplicaHandle(index=index, replica_id=replica_id, port=port, kvsync=kvsync_proc,
-                               kvsync_port=kvsync_port, proxy=proxy,
-                               process=ManagedProcess(replica_id, []))
-        handle.process = self._replica_process(index, replica_id, port, kvsync_port, handle.url).start()
+            handle.proxy = FaultProxy(handle.port, name=f"proxy-{replica_id}").start()
+        handle.process = self._replica_process(index, replica_id, handle.port, handle.kvsync_port,
+                                               handle.url).start()
         self.progress(f"replica    {replica_id} {handle.direct_url} (pid {handle.process.pid})"
-                      + (f" via proxy {proxy.url}" if proxy else "")
-                      + (f", kvsync :{kvsync_port} (pid {kvsync_proc.pid})" if kvsync_proc else ""))
+                      + (f" via proxy {handle.proxy.url}" if handle.proxy else "")
+                      + (f", kvsync :{handle.kvsync_port} (pid {handle.kvsync.pid})" if handle.kvsync else ""))
         return handle
 
     def _wait_replica(self, r: ReplicaHandle) -> None:
