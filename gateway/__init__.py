@@ -1,0 +1,1 @@
+"""The gateway: one OpenAI-compatible URL in front of the replicas (see docs/gateway.md)."""

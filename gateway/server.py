@@ -1,0 +1,320 @@
+"""The gateway's HTTP app: OpenAI endpoints, health, metrics and the admin API.
+
+``build_app(config)`` wires the parts (replica set, heartbeats, discovery, policy, retry, relay,
+degradation, auth) into one aiohttp application; they are started and stopped in ``cleanup_ctx``.
+The request path: authenticate -> read and check the body (client mistakes answered here) ->
+per-key limits -> degradation admission -> relay (retries, hedging, failover) -> metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from gateway.auth import ApiKey, Authenticator, RateLimiter, run_rate_limit_sync
+from gateway.config import GatewayConfig
+from gateway.degradation import DegradationController
+from gateway.health import HealthMonitor
+from gateway.metrics import GatewayMetrics, ReplicaCollector
+from gateway.policies import RouteRequest, make_policy
+from gateway.policies.adapter_affinity import AdapterAffinityPolicy
+from gateway.policies.session_affinity import SessionAffinityPolicy
+from gateway.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, ClientRequest, parse_request
+from gateway.registry import RegistryDiscovery
+from gateway.relay import Relay, RequestContext
+from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
+from gateway.retry import AttemptError, RetryBudget, RetryExecutor
+from gateway.sessions import RedisSessionSync, SessionPlacements
+from unbroken.errors import ModelNotFoundError, NoReplicaError, NotFoundError, UnbrokenError
+from unbroken.http import error_middleware, error_response, json_response, read_json_body
+
+log = logging.getLogger(__name__)
+
+_FORWARDED_HEADERS = ("X-Session-ID", "X-Session-History", "X-Priority")
+
+
+@dataclass
+class Gateway:
+    """Everything one gateway process holds (one per app; stored under :data:`GATEWAY_KEY`)."""
+
+    config: GatewayConfig
+    replicas: ReplicaSet
+    health: HealthMonitor
+    relay: Relay
+    degradation: DegradationController
+    auth: Authenticator
+    limiter: RateLimiter
+    metrics: GatewayMetrics
+    placements: SessionPlacements
+    policy: Any
+    budget: RetryBudget
+    redis: Any = None
+    discovery: RegistryDiscovery | None = None
+    session_sync: RedisSessionSync | None = None
+    draining: bool = False
+
+    def default_model(self) -> str | None:
+        bases = {m for m in self.replicas.known_models() if ":" not in m}
+        return next(iter(bases)) if len(bases) == 1 else None
+
+    def apply_drain(self, replica_id: str) -> bool:
+        rep = self.replicas.find(replica_id)
+        if rep is None:
+            return False
+        if not rep.admin_draining:
+            rep.admin_draining = True
+            self.replicas.set_state(rep, ReplicaState.DRAINING)
+            log.info("replica %s drained by the admin API", rep.replica_id)
+        return True
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
+    replicas = ReplicaSet(config.breaker)
+    for url in config.replicas.urls:
+        replicas.add(url, ReplicaSource.STATIC)
+    headers = {"Authorization": f"Bearer {config.replicas.shared_token}"} if config.replicas.shared_token else {}
+    health = HealthMonitor(replicas, config.health, headers=headers)
+    metrics = GatewayMetrics()
+    placements = SessionPlacements()
+    base_policy = make_policy(config.routing.policy, config.routing)
+    policy: Any = base_policy
+    if config.routing.session_affinity:
+        policy = SessionAffinityPolicy(config.routing, base_policy, lambda: replicas.ring_members, placements,
+                                       on_move=lambda key, old, new: metrics.session_moves.inc())
+    if config.routing.adapter_affinity:
+        policy = AdapterAffinityPolicy(policy)
+    rc = config.retry
+    budget = RetryBudget(rc.budget_ratio, rc.budget_min_per_s, rc.budget_window_s)
+    executor = RetryExecutor(rc, budget)
+    relay = Relay(config, replicas, policy, health, executor, metrics)
+    degradation = DegradationController(config.degradation, replicas, num_workers=num_workers)
+    metrics.attach_replicas(ReplicaCollector(replicas, lambda: degradation.queue_depth,
+                                             lambda: degradation.num_inflight))
+    return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,
+                   auth=Authenticator(config.auth), limiter=RateLimiter(), metrics=metrics,
+                   placements=placements, policy=policy, budget=budget)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY_KEY]
+    cfg = gw.config
+    tasks: list[asyncio.Task[None]] = []
+    await gw.relay.start()
+    await gw.health.start()
+    if cfg.redis.url:
+        import redis.asyncio as aioredis
+
+        gw.redis = aioredis.from_url(cfg.redis.url, socket_timeout=cfg.redis.op_timeout_s,
+                                     socket_connect_timeout=cfg.redis.op_timeout_s)
+        gw.discovery = RegistryDiscovery(gw.replicas, gw.redis, cfg.redis.key_prefix,
+                                         cfg.redis.discovery_interval_ms / 1000.0, cfg.redis.op_timeout_s,
+                                         on_drain=gw.apply_drain)
+        gw.discovery.start()
+        gw.session_sync = RedisSessionSync(gw.placements, gw.redis, cfg.redis.key_prefix, cfg.redis.session_ttl_s,
+                                           cfg.redis.op_timeout_s)
+        await gw.session_sync.start()
+        tasks.append(asyncio.create_task(run_rate_limit_sync(gw.limiter, gw.redis, cfg.redis.key_prefix, 0.25)))
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        if gw.discovery is not None:
+            await gw.discovery.stop()
+        if gw.session_sync is not None:
+            await gw.session_sync.stop()
+        await gw.health.stop()
+        await gw.relay.stop()
+        if gw.redis is not None:
+            try:
+                await gw.redis.aclose()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def build_app(config: GatewayConfig, num_workers: int = 1) -> web.Application:
+    gw = build_gateway(config, num_workers=num_workers)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app[GATEWAY_KEY] = gw
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post(CHAT_ROUTE, _completions_handler(CHAT_ROUTE))
+    app.router.add_post(COMPLETIONS_ROUTE, _completions_handler(COMPLETIONS_ROUTE))
+    app.router.add_get("/v1/models", models_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_get("/readyz", readyz_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/admin/replicas", admin_replicas_handler)
+    app.router.add_post("/admin/replicas/{replica_id}/drain", admin_drain_handler)
+    return app
+
+
+def _completions_handler(route: str):  # type: ignore[no-untyped-def]
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle_completion(request, route)
+
+    return handler
+
+
+async def handle_completion(request: web.Request, route: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    cfg = gw.config
+    started = time.monotonic()
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    out_headers = {"X-Request-ID": request_id}
+    status = 500
+    replica_label = "none"
+    try:
+        key = gw.auth.authenticate(request.headers.get("Authorization"))
+    except UnbrokenError as e:
+        gw.metrics.auth_failures.labels(e.code or "invalid").inc()
+        gw.metrics.requests.labels(route, str(e.status), "none").inc()
+        return error_response(e, headers=out_headers)
+    try:
+        body = await read_json_body(request, cfg.server.max_body_bytes)
+        req = parse_request(route, body, request.headers, gw.default_model())
+        if req.model not in gw.replicas.known_models():
+            if not gw.replicas.known_models():
+                raise NoReplicaError("no replica has reported its models yet",
+                                     retry_after_s=cfg.degradation.retry_after_s)
+            raise ModelNotFoundError(f"model {req.model!r} does not exist; available: "
+                                     f"{', '.join(sorted(gw.replicas.known_models()))}", param="model")
+        try:
+            gw.limiter.admit(key)
+        except UnbrokenError as e:
+            gw.metrics.rate_limited.labels(key.name, e.code or "limit").inc()
+            raise
+        if gw.draining:
+            raise NoReplicaError("the gateway is shutting down", retry_after_s=cfg.degradation.retry_after_s)
+        resp, status, replica_label = await _serve(gw, request, req, request_id, out_headers, started, key)
+        return resp
+    except UnbrokenError as e:
+        status = e.status
+        return error_response(e, headers=out_headers)
+    finally:
+        gw.metrics.requests.labels(route, str(status), replica_label).inc()
+        gw.metrics.request_duration.labels(route).observe(time.monotonic() - started)
+
+
+async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,
+                 out_headers: dict[str, str], started: float, key: ApiKey) -> tuple[web.StreamResponse, int, str]:
+    cfg = gw.config
+    deadline = started + cfg.server.request_deadline_s
+    gw.budget.on_request()
+    admission = await gw.degradation.admit(req, deadline)
+    try:
+        for tier in admission.tiers:
+            gw.metrics.degradations.labels(tier).inc()
+        if admission.tiers:
+            out_headers["X-Unbroken-Degraded"] = ",".join(admission.tiers)
+        fwd = {"X-Request-ID": request_id}
+        for h in _FORWARDED_HEADERS:
+            v = request.headers.get(h)
+            if v is not None:
+                fwd[h] = v
+        route_req = RouteRequest(model=req.model,
+                                 num_prompt_tokens=int(req.num_prompt_chars / cfg.routing.chars_per_token),
+                                 session_key=req.session_key, adapter=req.adapter, priority=req.priority)
+        ctx = RequestContext(req=req, request_id=request_id, started_s=started, deadline_s=deadline,
+                             forward_headers=fwd, route=route_req, tiers=admission.tiers)
+        route_req.exclude = ctx.tried
+        try:
+            if req.stream:
+                up = await gw.relay.open_stream(ctx)
+            else:
+                status, body = await gw.relay.call_nonstream(ctx)
+        except AttemptError as e:
+            out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
+            if e.replica is not None:
+                out_headers["X-Replica-ID"] = e.replica.replica_id
+            err = e.error
+            return error_response(err, headers=out_headers), err.status, \
+                e.replica.replica_id if e.replica else "none"
+        assert ctx.replica is not None or req.stream
+        if req.stream:
+            out_headers["X-Replica-ID"] = up.replica.replica_id
+            out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
+            resp = await gw.relay.relay_stream(ctx, request, up, out_headers)
+            gw.limiter.add_tokens(key, ctx.num_completion_tokens + route_req.num_prompt_tokens)
+            return resp, ctx.status, ctx.replica.replica_id if ctx.replica else "none"
+        assert ctx.replica is not None
+        out_headers["X-Replica-ID"] = ctx.replica.replica_id
+        out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
+        out_headers["X-Unbroken-Failovers"] = "0"
+        if key.tokens_per_minute:
+            try:
+                usage = orjson.loads(body).get("usage") or {}
+                gw.limiter.add_tokens(key, int(usage.get("total_tokens") or 0))
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                pass
+        resp = web.Response(body=body, status=status, headers=out_headers, content_type="application/json")
+        return resp, status, ctx.replica.replica_id
+    finally:
+        gw.degradation.release(admission)
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    gw.auth.authenticate(request.headers.get("Authorization"))
+    now = int(time.time())
+    models = set()
+    for rep in gw.replicas:
+        if rep.state is ReplicaState.HEALTHY:
+            models |= rep.models
+    data = [{"id": m, "object": "model", "created": now, "owned_by": "unbroken",
+             **({"parent": m.partition(":")[0]} if ":" in m else {})} for m in sorted(models)]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz_handler(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    n = gw.replicas.num_healthy()
+    if n == 0 or gw.draining:
+        return json_response({"status": "not_ready", "healthy_replicas": n}, status=503)
+    return json_response({"status": "ready", "healthy_replicas": n})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    if not gw.config.metrics.enabled:
+        raise NotFoundError("metrics are disabled")
+    return web.Response(body=gw.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def admin_replicas_handler(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    gw.auth.check_admin(request.headers.get("Authorization"))
+    return json_response({"replicas": [r.to_admin_dict() for r in gw.replicas],
+                          "retry_budget_tokens": round(gw.budget.tokens, 2),
+                          "queue_depth": gw.degradation.queue_depth,
+                          "session_placements": len(gw.placements)})
+
+
+async def admin_drain_handler(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    gw.auth.check_admin(request.headers.get("Authorization"))
+    replica_id = request.match_info["replica_id"]
+    rep = gw.replicas.find(replica_id)
+    if rep is None:
+        raise NotFoundError(f"no replica {replica_id!r}; known: {', '.join(r.replica_id for r in gw.replicas)}")
+    gw.apply_drain(rep.replica_id)
+    if gw.discovery is not None:
+        try:
+            await gw.discovery.publish_drain(rep.replica_id)
+        except Exception as e:  # noqa: BLE001 - this worker drains it anyway
+            log.warning("could not share the drain of %s through Redis: %s", rep.replica_id, e)
+    return json_response({"replica_id": rep.replica_id, "state": rep.state.value,
+                          "gateway_inflight": rep.num_inflight})
