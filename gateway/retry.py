@@ -45,7 +45,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def make_backoff(config: RetrySection) -> wait_exponential_jitter:
     return wait_exponential_jitter(
-        initial=config.backoff_initial_ms / 1000.0,
+        multiplier=config.backoff_initial_ms / 1000.0,
         max=config.backoff_max_ms / 1000.0,
         exp_base=config.backoff_multiplier,
         jitter=config.backoff_initial_ms / 1000.0,

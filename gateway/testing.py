@@ -107,3 +107,30 @@ class RunningGateway:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._loop = None
+
+
+def parse_sse(text: str) -> list[Any]:
+    """The ``data:`` payloads of an SSE body: dicts for JSON events, the string ``"[DONE]"``."""
+    import orjson
+
+    out: list[Any] = []
+    for line in text.split("\n"):
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+            out.append(payload if payload == "[DONE]" else orjson.loads(payload))
+    return out
+
+
+def stream_tokens(events: list[Any], index: int = 0) -> tuple[list[int], str]:
+    """All ``token_ids`` and the concatenated text of choice ``index`` over a stream's events."""
+    ids: list[int] = []
+    text = ""
+    for ev in events:
+        if not isinstance(ev, dict):
+            continue
+        for ch in ev.get("choices") or []:
+            if ch.get("index", 0) != index:
+                continue
+            ids.extend(ch.get("token_ids") or [])
+            text += (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+    return ids, text
