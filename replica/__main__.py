@@ -141,9 +141,11 @@ async def serve(config: ReplicaConfig) -> int:
         finished = await rt.drain(server.drain_timeout_s)
         _progress("drained" if finished else "drain timed out; closing the remaining streams")
     finally:
+        t_stop = time.monotonic()
         await runner.cleanup()
         if kvsync_client is not None:
             kvsync_client.close()
+        _progress(f"stopped in {time.monotonic() - t_stop:.1f}s")
     return code
 
 

@@ -53,6 +53,21 @@ class EngineCollector(Collector):
         c = CounterMetricFamily(PREFIX + "preemptions", "Sequences preempted (KV freed, recomputed later).")
         c.add_metric([], float(getattr(stats, "num_preemptions", 0) or 0))
         out.append(c)
+        # kvsync (zero when it is off).
+        c = CounterMetricFamily(PREFIX + "kv_restores", "Session KV restores through kvsync, by outcome.",
+                                labels=["outcome"])
+        for outcome, n in sorted((getattr(stats, "restore_outcomes", None) or {}).items()):
+            c.add_metric([outcome], float(n))
+        out.append(c)
+        for name, doc, attr in (
+            ("restored_tokens", "Tokens of KV imported from kvsync instead of recomputed.", "num_restored_tokens"),
+            ("kv_snapshots_published", "KV snapshots handed to the kvsync sidecar.", "num_snapshots_published"),
+            ("kv_snapshots_dropped", "KV snapshots dropped because the kvsync queue was full.",
+             "num_snapshots_dropped"),
+        ):
+            c = CounterMetricFamily(PREFIX + name, doc)
+            c.add_metric([], float(getattr(stats, attr, 0) or 0))
+            out.append(c)
         return out
 
 

@@ -93,7 +93,8 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_running=self.num_running, num_waiting=0, kv_bytes_used=1024,
                            kv_bytes_free=4096, kv_bytes_per_token=64, device_memory_free_bytes=10**9,
-                           tokens_per_s=12.5, sessions=sorted(self.kept), num_preemptions=2)
+                           tokens_per_s=12.5, sessions=sorted(self.kept), num_preemptions=2,
+                           restore_outcomes={"restored": 1, "missing": 2}, num_restored_tokens=64)
 
     async def export_session(self, session_id: str) -> KVSnapshot | None:
         return self.kept.get(session_id)
@@ -420,6 +421,8 @@ async def test_state_and_metrics(tokenizer):
     assert "unbroken_replica_generated_tokens_total 5.0" in metrics
     assert "unbroken_replica_kv_used_bytes 1024.0" in metrics
     assert "unbroken_replica_preemptions_total 2.0" in metrics
+    assert 'unbroken_replica_kv_restores_total{outcome="missing"} 2.0' in metrics
+    assert "unbroken_replica_restored_tokens_total 64.0" in metrics
 
 
 async def test_kv_export_import(tokenizer):
