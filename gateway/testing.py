@@ -36,7 +36,8 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> "RunningGateway":
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=self.config.server.shutdown_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
         await site.start()

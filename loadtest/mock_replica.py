@@ -353,6 +353,8 @@ class MockReplica:
                     return resp
                 if k.token_interval_ms:
                     await asyncio.sleep(k.token_interval_ms / 1000.0)
+                elif sent % 16 == 15:
+                    await asyncio.sleep(0)  # let others run between bursts
                 t = expected_token(prompt, pos)
                 if chat:
                     choices = [{"index": i, "delta": {"content": token_text(t)}, "finish_reason": None,
