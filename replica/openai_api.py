@@ -212,15 +212,17 @@ def _message_content(content: Any, index: int) -> str:
                           param=f"messages[{index}].content")
 
 
-def parse_chat_request(body: dict[str, Any], vocab_size: int | None = None) -> OpenAIRequest:
-    """Validate a ``/v1/chat/completions`` body."""
+def parse_chat_request(body: dict[str, Any], vocab_size: int | None = None, *,
+                       allow_empty_messages: bool = False) -> OpenAIRequest:
+    """Validate a ``/v1/chat/completions`` body. ``allow_empty_messages``: the conversation is
+    kept by the server (``X-Session-History: server``), so no new message is needed."""
     req = _common(body, "chat", vocab_size)
     messages = _get(body, "messages")
     if messages is _MISSING:
         raise InvalidRequestError("you must provide a 'messages' parameter", param="messages")
     if not isinstance(messages, list):
         raise ValidationError("'messages' must be a list of message objects", param="messages")
-    if not messages:
+    if not messages and not allow_empty_messages:
         raise InvalidRequestError("'messages' must hold at least one message", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

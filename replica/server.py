@@ -466,22 +466,46 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     engine = rt.engine
     body = await read_json_body(request, rt.config.server.max_body_bytes)
-    req = parse_chat_request(body, rt.vocab_size)
+    server_history = request.headers.get(SESSION_HISTORY_HEADER, "").strip().lower() == "server"
+    req = parse_chat_request(body, rt.vocab_size, allow_empty_messages=server_history)
     adapter = resolve_adapter(req.model, engine.served_name, engine.adapter_names)
     session_id = _session_id(request)
     messages = req.messages
-    if request.headers.get(SESSION_HISTORY_HEADER, "").strip().lower() == "server":
+    if server_history:
         if session_id is None:
             raise InvalidRequestError(f"'{SESSION_HISTORY_HEADER}: server' needs an '{SESSION_HEADER}' header",
                                       param=SESSION_HEADER)
         history = await engine.session_transcript(session_id)
         messages = list(history or []) + messages
+        if not messages:
+            raise InvalidRequestError(f"session {session_id!r} has no kept conversation and the request "
+                                      "brings no message", param="messages")
+    size = sum(len(m["content"]) for m in messages)
+    prompt_ids = await _off_loop_if_large(size, _chat_prompt_ids, engine.tokenizer, messages)
+    return await _serve(request, req, prompt_ids, adapter, session_id, messages)
+
+
+# Templating and tokenizing a prompt this long (characters) runs on a worker thread, so that one
+# huge request does not stall every stream on the event loop.
+LARGE_PROMPT_CHARS = 32 * 1024
+
+
+async def _off_loop_if_large(size: int, fn: Any, *args: Any) -> Any:
+    if size < LARGE_PROMPT_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     try:
-        prompt_text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template may reject a conversation's shape
         raise InvalidRequestError(f"the chat template rejected these messages: {e}", param="messages") from None
-    prompt_ids = list(engine.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    return await _serve(request, req, prompt_ids, adapter, session_id, messages)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _text_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
@@ -495,7 +519,8 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         transcript = None
     else:
         assert req.prompt_text is not None
-        prompt_ids = list(engine.tokenizer(req.prompt_text)["input_ids"])
+        prompt_ids = await _off_loop_if_large(len(req.prompt_text), _text_prompt_ids, engine.tokenizer,
+                                              req.prompt_text)
         transcript = [{"role": "user", "content": req.prompt_text}]
     return await _serve(request, req, prompt_ids, adapter, _session_id(request), transcript)
 

@@ -304,8 +304,28 @@ async def test_sessions_finish_turn_and_server_history(tokenizer):
         with pytest.raises(openai.BadRequestError):
             await c.chat.completions.create(model="qwen", messages=msgs,
                                             extra_headers={"X-Session-History": "server"})
+        # With the history on the server, a request may bring no new message (not so without).
+        await c.chat.completions.create(model="qwen", messages=[], max_tokens=2,
+                                        extra_headers={"X-Session-ID": "s1", "X-Session-History": "server"})
+        assert engine.requests[-1].prompt_token_ids == tokenizer(tokenizer.apply_chat_template(
+            engine.turns[1][1], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        with pytest.raises(openai.BadRequestError):
+            await c.chat.completions.create(model="qwen", messages=[], extra_headers={"X-Session-ID": "s1"})
+        with pytest.raises(openai.BadRequestError):
+            await c.chat.completions.create(model="qwen", messages=[], extra_headers={
+                "X-Session-ID": "never-seen", "X-Session-History": "server"})
+        n = len(engine.turns)
         await c.chat.completions.create(model="qwen", messages=msgs, max_tokens=2)
-        assert len(engine.turns) == 2  # no session, no turn
+        assert len(engine.turns) == n  # no session, no turn
+
+
+async def test_large_prompt_is_tokenized_off_the_loop(tokenizer):
+    engine = FakeEngine(tokenizer, max_model_len=100_000)
+    text = "The gateway routes each request. " * 2000  # beyond LARGE_PROMPT_CHARS
+    async with serving(engine) as (url, _):
+        r = await client(url).completions.create(model="qwen", prompt=text, max_tokens=2)
+    assert r.usage.prompt_tokens == len(tokenizer(text)["input_ids"])
+    assert engine.requests[-1].prompt_token_ids == tokenizer(text)["input_ids"]
 
 
 async def test_resume_token_ids_continue_and_count(tokenizer):
