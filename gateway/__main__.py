@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
-from aiohttp import web
-
-from gateway.config import GatewayConfig, load_gateway_config
+from gateway.config import load_gateway_config
+from gateway.worker import run_worker
 from unbroken.config import ConfigError
-
-
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
-        pass
-
-
-def run_worker(config_data: dict[str, Any], num_workers: int, index: int) -> None:
-    """One worker process: build the app and serve until SIGTERM/SIGINT."""
-    logging.basicConfig(level=os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s gateway[{index}] %(levelname)s %(name)s: %(message)s")
-    _install_uvloop()
-    from gateway.server import build_app
-
-    config = GatewayConfig.model_validate(config_data)
-    app = build_app(config, num_workers=num_workers)
-    web.run_app(app, host=config.server.host, port=config.server.port, reuse_port=num_workers > 1,
-                access_log=None, print=None, shutdown_timeout=config.server.shutdown_timeout_s,
-                handle_signals=True)
 
 
 def main(argv: list[str] | None = None) -> int:
