@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -41,7 +40,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_POLL_SLACK_S = 0.1
 """Detection is measured by polling the gateway's admin view every 20 ms; a bound is judged with
 this much slack for the poll itself."""
-_COUNTER_RE = re.compile(r"(failover|retr|restor|resum|breaker|eject|fetch|snapshot|shed|suspect|unhealthy)")
+_COUNTER_WORDS = ("failover", "retr", "restor", "resum", "breaker", "eject", "fetch", "snapshot", "suspect",
+                  "unhealthy", "shed")
+
+
+def _is_interesting(metric: str) -> bool:
+    """Counters about failover, retries, restores and health (matched per ``_``-separated word)."""
+    return any(w.startswith(_COUNTER_WORDS) for w in metric.split("_"))
 
 
 @dataclass
@@ -61,6 +66,9 @@ class ChaosResult:
         if self.summary.num_failed > exp.max_failed_requests:
             kinds = ", ".join(f"{k}={v}" for k, v in self.summary.failures_by_kind.items())
             out.append(f"{self.summary.num_failed} failed requests ({kinds})")
+        if exp.max_client_retries is not None and self.summary.num_client_retries > exp.max_client_retries:
+            out.append(f"{self.summary.num_client_retries} client connection retries "
+                       f"(bound {exp.max_client_retries}): the gateway dropped connections")
         if self.summary.num_requests == 0:
             out.append("no request completed: the load did not run")
         if exp.max_detection_s is not None:
@@ -93,7 +101,7 @@ def scrape_counters(url: str, timeout_s: float = 2.0) -> dict[str, float]:
             continue
         name, _, value = line.rpartition(" ")
         metric = name.split("{", 1)[0]
-        if metric.endswith("_total") and _COUNTER_RE.search(metric):
+        if metric.endswith("_total") and _is_interesting(metric):
             try:
                 out[name] = float(value)
             except ValueError:

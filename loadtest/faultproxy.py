@@ -382,12 +382,12 @@ class FaultProxy:
                     self.stats.num_resets += 1
                     self._kill(conn)
                     return
-            writer.write(data)
             conn.bytes_by_direction[direction] += len(data)
             if direction == "upstream":
                 self.stats.bytes_upstream += len(data)
             else:
                 self.stats.bytes_downstream += len(data)
+            writer.write(data)  # after counting: the peer may read it before this thread runs again
             await writer.drain()
         # Half-close: pass the EOF on, so request/response protocols finish cleanly.
         try:

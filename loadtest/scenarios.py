@@ -91,6 +91,9 @@ class LoadSpec(Section):
 class Expectations(Section):
     max_failed_requests: int = Field(0, ge=0, description="Failed requests allowed.")
     max_detection_s: float | None = Field(None, gt=0, description="Detection bound for detected faults.")
+    max_client_retries: int | None = Field(None, ge=0, description="Requests the client had to send again "
+                                                                   "because the connection failed before any "
+                                                                   "response (None = no bound).")
 
 
 class Scenario(Section):
