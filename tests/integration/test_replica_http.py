@@ -21,7 +21,27 @@ MSGS = [{"role": "user", "content": "Tell me a story about a small robot."}]
 
 
 @pytest.fixture(scope="module")
-def replica(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ManagedProcess]]:
+def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with non-zero weights, made at test time."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(11)
+    peft_model = get_peft_model(base, LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("adapter-support")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_model_dir: Path, adapter_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ManagedProcess]]:
     port = free_port()
     log = tmp_path_factory.mktemp("replica-http") / "replica.log"
     proc = ManagedProcess(
@@ -30,7 +50,8 @@ def replica(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                           "--quantization", "nf4", "--replica-id", "it-replica"),
         log_path=log,
         env={"UNBROKEN_REPLICA__MODEL__NUM_THREADS": "1", "UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512",
-             "UNBROKEN_REPLICA__SERVER__DRAIN_TIMEOUT_S": "30"},
+             "UNBROKEN_REPLICA__SERVER__DRAIN_TIMEOUT_S": "30",
+             "UNBROKEN_REPLICA__MODEL__ADAPTERS": f"{{support: '{adapter_dir}'}}"},
         ready_url=f"http://127.0.0.1:{port}/health",
     ).start()
     try:
@@ -131,10 +152,10 @@ def test_streams_and_completions_equal_generate_under_batching(replica, referenc
     results = asyncio.run(run_all())
     # The replica's event loop never blocks on the model: /health answers while 8 requests run.
     assert len(health_latencies_s) >= 5 and max(health_latencies_s) < 1.0, max(health_latencies_s)
+    expected_by_prompt = {p: generate(tok(p)["input_ids"], 20) for p in prompts}
     for i, (ids, text, reason) in enumerate(results):
         prompt = prompts[i % len(prompts)]
-        expected = generate(tok(prompt)["input_ids"], 20)
-        assert ids == expected, prompt
+        assert ids == expected_by_prompt[prompt], prompt
         assert text == tok.decode(ids, skip_special_tokens=True)
         assert reason == ("length" if len(ids) == 20 and ids[-1] not in (0, 2) else "stop")
 
@@ -157,7 +178,7 @@ def test_chat_stream_format(replica, reference):
 def test_models_and_error_types(replica):
     url, _ = replica
     c = client(url)
-    assert [m.id for m in c.models.list().data] == ["qwen"]
+    assert [m.id for m in c.models.list().data] == ["qwen", "qwen:support"]
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="qwen:missing", messages=MSGS)
     assert e.value.code == "model_not_found"
@@ -175,6 +196,30 @@ def test_models_and_error_types(replica):
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.with_raw_response.create(model="qwen", messages=[])
+
+
+def test_adapter_equals_peft_generate(replica, reference, tiny_model_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    url, _ = replica
+    tok, _ = reference
+    c = client(url)
+    lora = c.completions.create(model="qwen:support", prompt="Hello there", max_tokens=16, temperature=0,
+                                extra_body={"ignore_eos": True})
+    base = c.completions.create(model="qwen", prompt="Hello there", max_tokens=16, temperature=0,
+                                extra_body={"ignore_eos": True})
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="support").eval()
+    ids = torch.tensor([tok("Hello there")["input_ids"]])
+    with torch.inference_mode():
+        expected = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                       do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    assert lora.choices[0].model_extra["token_ids"] == expected
+    assert lora.choices[0].model_extra["token_ids"] != base.choices[0].model_extra["token_ids"]
 
 
 def test_stop_string(replica):
