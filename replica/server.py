@@ -362,6 +362,9 @@ async def _serve(
         except BaseException:
             await stream.aclose()
             raise
+        if first.token_id is None and first.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+            await stream.aclose()
+            raise InternalError(f"the generation failed: {first.error or first.finish_reason.value}")
         pieces = generation.pieces(stream, first)
     try:
         if req.stream:
@@ -514,15 +517,19 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_body(request, rt.config.server.max_body_bytes)
     req = parse_completion_request(body, rt.vocab_size)
     adapter = resolve_adapter(req.model, engine.served_name, engine.adapter_names)
+    session_id = _session_id(request)
+    transcript: list[dict[str, Any]] | None = None
     if req.prompt_token_ids is not None:
         prompt_ids = req.prompt_token_ids
-        transcript = None
+        if session_id is not None:
+            transcript = [{"role": "user", "content": engine.tokenizer.decode(
+                prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)}]
     else:
         assert req.prompt_text is not None
         prompt_ids = await _off_loop_if_large(len(req.prompt_text), _text_prompt_ids, engine.tokenizer,
                                               req.prompt_text)
         transcript = [{"role": "user", "content": req.prompt_text}]
-    return await _serve(request, req, prompt_ids, adapter, _session_id(request), transcript)
+    return await _serve(request, req, prompt_ids, adapter, session_id, transcript)
 
 
 async def handle_models(request: web.Request) -> web.Response:

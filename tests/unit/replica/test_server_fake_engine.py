@@ -48,6 +48,7 @@ class FakeEngine:
         self.kept: dict[str, KVSnapshot] = {}
         self.started = self.stopped = False
         self.num_running = 0
+        self.fail_after_tokens: int | None = None  # end requests with FinishReason.ERROR after N tokens
 
     async def start(self) -> None:
         self.started = True
@@ -71,6 +72,10 @@ class FakeEngine:
             for k in range(len(request.resume_token_ids), sp.max_tokens):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
+                if self.fail_after_tokens is not None and k >= self.fail_after_tokens:
+                    done = True
+                    yield TokenOutput(request.request_id, None, FinishReason.ERROR, error="engine step failed")
+                    return
                 token = self.script[k % len(self.script)]
                 reason = None
                 if token == self.eos and not sp.ignore_eos:
@@ -248,6 +253,29 @@ async def test_client_errors_are_openai_errors(tokenizer):
     assert engine.requests == []  # nothing bad reached the engine
 
 
+async def test_engine_failure_before_and_after_the_first_byte(tokenizer):
+    engine = FakeEngine(tokenizer)
+    async with serving(engine) as (url, _):
+        c = client(url)
+        engine.fail_after_tokens = 0
+        with pytest.raises(openai.InternalServerError) as e:
+            await c.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "x"}], stream=True)
+        assert e.value.code == "internal_error" and "engine step failed" in e.value.message
+        engine.fail_after_tokens = 3
+        body = {"model": "qwen", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                events = [line[6:].strip() for line in (await r.text()).splitlines() if line.startswith("data: ")]
+        assert b"[DONE]" not in [e.encode() for e in events]  # a relay must see a broken stream
+        error = orjson.loads(events[-1])["error"]
+        assert error["code"] == "internal_error" and "engine step failed" in error["message"]
+        ids = [i for e in events[:-1] for i in orjson.loads(e)["choices"][0]["token_ids"]]
+        assert ids == engine.script[:len(ids)] and len(ids) <= 3
+        with pytest.raises(openai.InternalServerError):  # non-stream: a 500 after the tokens
+            await c.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "x"}])
+
+
 async def test_stop_string_truncates_and_aborts_the_engine_request(tokenizer):
     engine = FakeEngine(tokenizer)
     async with serving(engine) as (url, _):
@@ -317,6 +345,9 @@ async def test_sessions_finish_turn_and_server_history(tokenizer):
         n = len(engine.turns)
         await c.chat.completions.create(model="qwen", messages=msgs, max_tokens=2)
         assert len(engine.turns) == n  # no session, no turn
+        await c.completions.create(model="qwen", prompt=[5, 6], max_tokens=2, extra_headers={"X-Session-ID": "s2"})
+        assert engine.turns[-1] == ("s2", [{"role": "user", "content": tokenizer.decode([5, 6])},
+                                           {"role": "assistant", "content": script_text(engine, 2)}])
 
 
 async def test_large_prompt_is_tokenized_off_the_loop(tokenizer):
