@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+import torch
 from aiohttp import web
 
 from kvsync.config import KVSyncConfig
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvsync: {e}", file=sys.stderr)
         return 2
+    # The sidecar's tensor work is memory copies on worker threads; torch's intra-op thread pool
+    # only adds contention with the replica beside it.
+    torch.set_num_threads(1)
     try:
         import uvloop
 

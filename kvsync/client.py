@@ -66,6 +66,7 @@ class KVSyncClient:
         self._needs_full: set[str] = set()
         self._thread: threading.Thread | None = None
         self._conn: http.client.HTTPConnection | None = None
+        self._conn_reused = False
         self._sidecar_down = False
         self.num_published = 0  # accepted by the sidecar
         self.num_dropped = 0  # queue full: never sent
@@ -147,7 +148,15 @@ class KVSyncClient:
         total = sum(len(p) for p in parts)
         path = f"/v1/sessions/{urllib.parse.quote(snapshot.session_id, safe='')}/snapshots"
         try:
-            status, body = self._post(path, parts, total)
+            try:
+                status, body = self._post(path, parts, total)
+            except (OSError, http.client.HTTPException):
+                if self._conn is None or not self._conn_reused:
+                    raise
+                # The sidecar may have closed an idle keep-alive connection: once more, afresh.
+                self._conn.close()
+                self._conn = None
+                status, body = self._post(path, parts, total)
         except (OSError, http.client.HTTPException) as e:
             if self._conn is not None:
                 self._conn.close()
@@ -177,6 +186,9 @@ class KVSyncClient:
     def _post(self, path: str, parts: list[bytes | memoryview], total: int) -> tuple[int, bytes]:
         if self._conn is None:
             self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.post_timeout_s)
+            self._conn_reused = False
+        else:
+            self._conn_reused = True
         conn = self._conn
         conn.putrequest("POST", path)
         conn.putheader("Content-Type", CONTENT_TYPE_SNAPSHOT)

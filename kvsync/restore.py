@@ -14,7 +14,7 @@ from typing import Any
 
 from kvsync.blocks import BadData, assemble
 from kvsync.metrics import KVSyncMetrics
-from kvsync.protocol import Manifest, encode_snapshot
+from kvsync.protocol import Manifest, encode_snapshot_parts
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES
 from replica.protocol import KVIdentity
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RestoreResult:
     outcome: str  # restored | missing | mismatch | corrupt | timeout | error
-    wire: bytes | None = None  # the full snapshot in wire form when restored
+    wire: list[bytes | memoryview] | None = None  # the full snapshot in wire form (buffers) when restored
     num_tokens: int = 0
     transcript: list[dict[str, Any]] | None = None
     manifest: Manifest | None = None
@@ -78,7 +78,7 @@ async def _restore(store: KVStore, metrics: KVSyncMetrics, session_id: str,
         outcome = "missing" if e.reason == "missing_block" else "corrupt"
         return RestoreResult(outcome, transcript=manifest.transcript, message=str(e))
     del stored
-    wire = await asyncio.to_thread(encode_snapshot, snapshot)
+    wire = await asyncio.to_thread(encode_snapshot_parts, snapshot)
     try:
         await store.touch(session_id)
     except REDIS_FAILURES:

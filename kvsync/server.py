@@ -119,13 +119,15 @@ async def _read_body(request: web.Request) -> bytearray:
     return buf
 
 
-async def _send_chunked(request: web.Request, wire: bytes) -> web.StreamResponse:
+async def _send_chunked(request: web.Request, parts: list[bytes | memoryview]) -> web.StreamResponse:
+    """Write the wire form's buffers as they are (never joined), a few MiB at a time."""
     resp = web.StreamResponse(headers={OUTCOME_HEADER: "restored", "Content-Type": CONTENT_TYPE_SNAPSHOT})
-    resp.content_length = len(wire)
+    resp.content_length = sum(len(p) for p in parts)
     await resp.prepare(request)
-    view = memoryview(wire)
-    for i in range(0, len(wire), CHUNK_BYTES):
-        await resp.write(view[i:i + CHUNK_BYTES])
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for i in range(0, len(view), CHUNK_BYTES):
+            await resp.write(view[i:i + CHUNK_BYTES])
     await resp.write_eof()
     return resp
 

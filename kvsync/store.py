@@ -19,13 +19,17 @@ TTL expiry, which the reader detects. The layout assumes one Redis (not Redis Cl
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
 
 from kvsync.blocks import Block
 from kvsync.config import RedisSection, StoreSection
@@ -222,9 +226,18 @@ class KVStore:
     async def read_manifest(self, session_id: str) -> bytes | None:
         return await self.redis.get(self.manifest_key(session_id))
 
-    async def read_blocks(self, block_hashes: Sequence[str], batch_size: int = 16) -> list[bytes | None]:
-        """GET blocks in batches (MGET) so no single reply is huge."""
-        out: list[bytes | None] = []
+    async def read_blocks(self, block_hashes: Sequence[str], batch_size: int = 16) -> list[bytes | bytearray | None]:
+        """GET the blocks. Over plain ``redis://`` this is a worker thread reading pipelined GET
+        replies straight into their buffers (about twice redis-py's speed for multi-MB values, and
+        the event loop does none of it); otherwise MGET in batches."""
+        if not block_hashes:
+            return []
+        url = urllib.parse.urlsplit(self.cfg.url)
+        if url.scheme == "redis":
+            keys = [self.block_key(h) for h in block_hashes]
+            return await asyncio.to_thread(_get_many, url, keys, self.cfg.connect_timeout_s,
+                                           self.cfg.socket_timeout_s)
+        out: list[bytes | bytearray | None] = []
         for i in range(0, len(block_hashes), batch_size):
             out.extend(await self.redis.mget([self.block_key(h) for h in block_hashes[i:i + batch_size]]))
         return out
@@ -234,6 +247,51 @@ class KVStore:
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+
+def _get_many(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeout_s: float,
+              socket_timeout_s: float) -> list[bytearray | None]:
+    """Pipelined GETs on a blocking socket; each value is read into its own buffer, no copies."""
+
+    def command(*args: str | bytes) -> bytes:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            b = a.encode() if isinstance(a, str) else a
+            parts += [f"${len(b)}\r\n".encode(), b, b"\r\n"]
+        return b"".join(parts)
+
+    db = (url.path or "/0").lstrip("/") or "0"
+    setup = []
+    if url.password is not None:
+        setup.append(command("AUTH", *([url.username] if url.username else []), url.password))
+    if db != "0":
+        setup.append(command("SELECT", db))
+    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), timeout=connect_timeout_s) as sock:
+        sock.settimeout(socket_timeout_s)
+        sock.sendall(b"".join(setup + [command("GET", k) for k in keys]))
+        with sock.makefile("rb") as f:
+            for _ in setup:
+                line = f.readline()
+                if not line.startswith(b"+"):
+                    raise RedisError(f"Redis refused the connection set-up: {line!r}")
+            out: list[bytearray | None] = []
+            for _ in keys:
+                line = f.readline()
+                if not line.endswith(b"\r\n"):
+                    raise ConnectionError("Redis closed the connection mid-reply")
+                if line.startswith(b"-"):
+                    raise RedisError(line[1:-2].decode(errors="replace"))
+                if not line.startswith(b"$"):
+                    raise RedisError(f"unexpected Redis reply {line[:40]!r}")
+                n = int(line[1:-2])
+                if n < 0:
+                    out.append(None)
+                    continue
+                buf = bytearray(n)
+                if f.readinto(memoryview(buf)) != n or f.read(2) != b"\r\n":
+                    raise ConnectionError("Redis closed the connection mid-value")
+                out.append(buf)
+            return out
 
 
 def _s(x: bytes | str) -> str:

@@ -295,3 +295,24 @@ def test_a_full_sidecar_refuses_as_busy_and_asks_for_a_full_snapshot(
             assert not client.needs_full("c") and _fetch(client, "c").outcome == "restored"
         finally:
             proc.stop()
+
+
+def test_client_reconnects_after_the_sidecar_restarts(redis_url: str, tmp_path: Path, client_factory) -> None:
+    """A kept-alive connection to a sidecar that went away is retried once, afresh."""
+    port = free_port()
+    keys, values = synthetic_kv(IDENT, 16, seed=7)
+    proc, sidecar = start_sidecar(redis_url, port=port, log_path=tmp_path / "k1.log", settings={"store.block_tokens": B})
+    client = client_factory(sidecar)
+    try:
+        assert client.publish(snapshot_of("s1", IDENT, list(range(16)), keys, values))
+        wait_replicated(sidecar, client=client)
+    finally:
+        proc.stop()
+    proc, sidecar = start_sidecar(redis_url, port=port, log_path=tmp_path / "k2.log", settings={"store.block_tokens": B})
+    try:
+        assert client.publish(snapshot_of("s2", IDENT, list(range(50, 66)), keys, values))
+        wait_replicated(sidecar, client=client)
+        assert client.num_failed == 0 and client.num_published == 2
+        assert _fetch(client, "s2").outcome == "restored"
+    finally:
+        proc.stop()
