@@ -61,27 +61,6 @@ def replica(tiny_model_dir: Path, adapter_dir: Path,
         proc.stop(timeout_s=20)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path):
-    """The model loaded here the same way (NF4 on the CPU, float32 compute), for generate()."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32))
-    model.eval()
-
-    def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
-                                 dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False)
-        return out[0, len(prompt_ids):].tolist()
-
-    return tok, generate
-
-
 def chat_ids(tok, messages) -> list[int]:
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -345,6 +324,83 @@ def test_state_and_metrics(replica):
     assert "unbroken_replica_time_to_first_token_seconds_bucket" in text
     assert "unbroken_replica_generated_tokens_total" in text
     assert 'unbroken_replica_requests_total{route="/v1/chat/completions",status="200"}' in text
+
+
+@pytest.mark.slow
+def test_bench_http_overhead(replica, tiny_model_dir):
+    """Benchmark (prints a table): 32 concurrent greedy streams of 64 tokens through the replica's
+    HTTP layer (SSE, detokenizer, metrics) against the same requests on an in-process AsyncEngine
+    with the same settings. Run: pytest -m slow -s tests/integration/test_replica_http.py -k bench"""
+    import statistics
+
+    import orjson
+
+    from replica.config import ReplicaConfig
+    from replica.engine import AsyncEngine
+    from replica.protocol import GenerationRequest, SamplingParams
+
+    url, _ = replica
+    num_requests, num_tokens = 32, 64
+    prompts = [f"Request {i}: tell me about replicas and gateways." for i in range(num_requests)]
+
+    async def over_http() -> tuple[float, list[float], int]:
+        t0 = time.monotonic()
+        ttfts: list[float] = []
+
+        async def one(session: aiohttp.ClientSession, prompt: str) -> int:
+            body = {"model": "qwen", "prompt": prompt, "max_tokens": num_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            n = 0
+            async with session.post(url + "/v1/completions", json=body) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        ids = orjson.loads(line[6:])["choices"][0]["token_ids"]
+                        if ids and n == 0:
+                            ttfts.append(time.monotonic() - t0)
+                        n += len(ids)
+            return n
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            counts = await asyncio.gather(*[one(session, p) for p in prompts])
+        return time.monotonic() - t0, ttfts, sum(counts)
+
+    async def in_process() -> tuple[float, list[float], int]:
+        cfg = ReplicaConfig.model_validate({"model": {"path": str(tiny_model_dir), "num_threads": 1,
+                                                      "max_model_len": 512}})
+        engine = AsyncEngine(cfg)
+        engine.load(progress=lambda _: None)
+        await engine.start()
+        try:
+            t0 = time.monotonic()
+            ttfts: list[float] = []
+
+            async def one(i: int, prompt: str) -> int:
+                req = GenerationRequest(f"b{i}", engine.tokenizer(prompt)["input_ids"],
+                                        SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True))
+                n = 0
+                async for out in engine.generate(req):
+                    if out.token_id is not None:
+                        if n == 0:
+                            ttfts.append(time.monotonic() - t0)
+                        n += 1
+                return n
+
+            counts = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+            return time.monotonic() - t0, ttfts, sum(counts)
+        finally:
+            await engine.stop()
+
+    asyncio.run(over_http())  # warm-up
+    http_s, http_ttft, http_n = asyncio.run(over_http())
+    eng_s, eng_ttft, eng_n = asyncio.run(in_process())
+    assert http_n == eng_n == num_requests * num_tokens
+    rows = [("AsyncEngine in-process", eng_n / eng_s, statistics.median(eng_ttft)),
+            ("HTTP SSE (replica process)", http_n / http_s, statistics.median(http_ttft))]
+    print(f"\n{num_requests} streams x {num_tokens} tokens, tiny NF4 model, CPU, 1 torch thread")
+    print(f"{'path':<28} {'tokens/s':>9} {'TTFT p50 s':>11}")
+    for name, tps, ttft in rows:
+        print(f"{name:<28} {tps:>9.0f} {ttft:>11.3f}")
+    print(f"HTTP / in-process throughput: {rows[1][1] / rows[0][1]:.2f}")
 
 
 def test_sigterm_drain_finishes_the_running_stream(replica):
