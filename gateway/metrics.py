@@ -100,6 +100,21 @@ class GatewayMetrics:
                                           "Streams ended because the client left or was too slow.", ["reason"],
                                           registry=r)
 
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+
+    def count_request(self, route: str, status: int, replica: str, duration_s: float) -> None:
+        """One finished client request (label children cached: this is on every request's path)."""
+        key = (route, status, replica)
+        c = self._request_children.get(key)
+        if c is None:
+            c = self._request_children[key] = self.requests.labels(route, str(status), replica)
+        c.inc()
+        h = self._duration_children.get(route)
+        if h is None:
+            h = self._duration_children[route] = self.request_duration.labels(route)
+        h.observe(duration_s)
+
     def attach_replicas(self, collector: ReplicaCollector) -> None:
         self.registry.register(collector)
 

@@ -6,7 +6,8 @@ end); events before it (the role chunk) are held. Until then nothing has reached
 failed attempt is retried on another replica (``retry.py``) and the client never sees it. Once open,
 the gateway commits (sends headers, the role chunk and the first token) and relays event by event,
 recording the ``token_ids`` of every choice it forwards. If the replica dies (connection error),
-stalls (no event within ``stall_timeout_s``), sends an error it is to blame for, or closes early,
+stalls (no event within ``stall_timeout_s``), is declared unhealthy by the heartbeats (a hang or a
+partition: every wait on it expires at once), sends an error it is to blame for, or closes early,
 the request is re-sent to another replica with ``resume_token_ids`` = every id forwarded so far;
 the new replica's role chunk is dropped, and its chunks' ``id``, ``created`` and ``model`` are
 rewritten to the original ones. The client sees one stream: no repeated role chunk, no duplicated
@@ -35,7 +36,7 @@ from gateway.health import HealthMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest, RoutingPolicy
 from gateway.protocol import ClientRequest
-from gateway.replicaset import Replica, ReplicaSet
+from gateway.replicaset import Replica, ReplicaSet, ReplicaState
 from gateway.retry import AttemptError, RetryExecutor
 from unbroken.errors import (
     AuthenticationError,
@@ -58,6 +59,31 @@ from unbroken.http import sse_error_event
 log = logging.getLogger(__name__)
 
 DONE = b"[DONE]"
+
+
+class _watched:
+    """``asyncio.timeout(timeout_s)`` that also expires at once when ``rep`` is declared unhealthy
+    (:meth:`Replica.expire_waits`): a hung or partitioned replica's in-flight work moves on within
+    the heartbeat's detection bound, not after the stall or response timeout."""
+
+    __slots__ = ("rep", "cm")
+
+    def __init__(self, rep: Replica, timeout_s: float) -> None:
+        self.rep = rep
+        self.cm = asyncio.timeout(timeout_s)
+
+    async def __aenter__(self) -> None:
+        await self.cm.__aenter__()
+        self.rep.waits.add(self.cm)
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        self.rep.waits.discard(self.cm)
+        return await self.cm.__aexit__(*exc)
+
+
+def _timeout_reason(rep: Replica, default: str = "timeout") -> str:
+    """``lost`` when the wait ended because the replica was declared unhealthy."""
+    return "lost" if rep.state is ReplicaState.UNHEALTHY else default
 _ERRORS_BY_CODE: dict[str, tuple[int, type[UnbrokenError]]] = {
     cls.code: (cls.status, cls) for cls in (  # type: ignore[misc]
         InvalidRequestError, ValidationError, ContextLengthError, ModelNotFoundError, AuthenticationError,
@@ -115,20 +141,36 @@ class Upstream:
     def __init__(self, replica: Replica, resp: aiohttp.ClientResponse) -> None:
         self.replica = replica
         self.resp = resp
-        self.prefix: list[bytes] = []
-        self.first: bytes = b""
+        self.prefix: list[bytes] = []  # events before the first content event (the role chunk)
         self.first_obj: dict[str, Any] | None = None
+        self.pending: list[bytes] = []  # payloads read but not yet relayed (from the first content event on)
+        self._buf = b""
         self._finished = False
 
-    async def next_payload(self) -> bytes | None:
-        """The next SSE ``data:`` payload, or None at the end of the body."""
+    async def read_batch(self) -> list[bytes] | None:
+        """The SSE ``data:`` payloads of the next network read(s): at least one, or None at the end.
+        Reading in batches lets a fast replica's events be relayed several per write."""
         content = self.resp.content
         while True:
-            line = await content.readline()
-            if not line:
+            data = await content.readany()
+            if not data:
                 return None
-            if line.startswith(b"data:"):
-                return line[5:].strip()
+            buf = self._buf + data if self._buf else data
+            if b"\n\n" not in buf:
+                self._buf = buf
+                continue
+            blocks = buf.split(b"\n\n")
+            self._buf = blocks.pop()
+            out: list[bytes] = []
+            for block in blocks:
+                if block.startswith(b"data:"):
+                    out.append(block[5:].strip())
+                elif b"data:" in block:  # comments or other fields first
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            out.append(line[5:].strip())
+            if out:
+                return out
 
     def finish(self, success: bool | None) -> None:
         """``True``/``False``: the replica's outcome for its breaker; ``None``: says nothing about it."""
@@ -308,10 +350,11 @@ class Relay:
             rep = self.select(ctx)
             assert self.session is not None
             try:
-                async with self.session.post(rep.url + url_path, data=payload, headers=ctx.forward_headers,
-                                             timeout=self._nonstream_timeout) as resp:
-                    body = await resp.read()
-                    status = resp.status
+                async with _watched(rep, self.config.replicas.nonstream_timeout_s):
+                    async with self.session.post(rep.url + url_path, data=payload, headers=ctx.forward_headers,
+                                                 timeout=self._nonstream_timeout) as resp:
+                        body = await resp.read()
+                        status = resp.status
             except asyncio.CancelledError:
                 rep.num_inflight -= 1
                 if rep.breaker is not None:
@@ -320,7 +363,8 @@ class Relay:
             except _CONNECT_ERRORS as e:
                 raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} unreachable: {e}"), "connect") from None
             except asyncio.TimeoutError:
-                raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} timed out"), "timeout") from None
+                raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} timed out"), _timeout_reason(rep)) \
+                    from None
             except _BROKEN_ERRORS as e:
                 raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} failed: {e}"), "closed") from None
             if status >= 500 or status == 429:
@@ -352,7 +396,7 @@ class Relay:
         resp: aiohttp.ClientResponse | None = None
         rc = self.config.replicas
         try:
-            async with asyncio.timeout(min(rc.first_byte_timeout_s, max(0.001, ctx.deadline_s - time.monotonic()))):
+            async with _watched(rep, min(rc.first_byte_timeout_s, max(0.001, ctx.deadline_s - time.monotonic()))):
                 resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=ctx.forward_headers,
                                                timeout=self._stream_timeout)
                 if resp.status != 200:
@@ -372,29 +416,32 @@ class Relay:
                     raise self._fail(rep, err, "status_5xx" if err.blames_replica else "overloaded", resp,
                                      blame=err.blames_replica)
                 up = Upstream(rep, resp)
-                while True:
-                    p = await up.next_payload()
-                    if p is None:
+                while up.first_obj is None:
+                    batch = await up.read_batch()
+                    if batch is None:
                         raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} ended the stream early"),
                                          "closed", resp)
-                    if p == DONE:
-                        up.first = p
-                        break
-                    obj = orjson.loads(p)
-                    if "error" in obj:
-                        err = error_from_event(obj)
-                        if isinstance(err, ClientError) or not err.blames_replica:
-                            rep.num_inflight -= 1
-                            if rep.breaker is not None:
-                                rep.breaker.release_probe()
-                            resp.close()
-                            raise AttemptError(err, rep, "client_error" if isinstance(err, ClientError)
-                                               else "overloaded")
-                        raise self._fail(rep, err, "stream_error", resp)
-                    if _is_content_event(obj):
-                        up.first, up.first_obj = p, obj
-                        break
-                    up.prefix.append(p)
+                    for i, p in enumerate(batch):
+                        if p == DONE:
+                            up.first_obj = {}
+                            up.pending = batch[i:]
+                            break
+                        obj = orjson.loads(p)
+                        if "error" in obj:
+                            err = error_from_event(obj)
+                            if isinstance(err, ClientError) or not err.blames_replica:
+                                rep.num_inflight -= 1
+                                if rep.breaker is not None:
+                                    rep.breaker.release_probe()
+                                resp.close()
+                                raise AttemptError(err, rep, "client_error" if isinstance(err, ClientError)
+                                                   else "overloaded")
+                            raise self._fail(rep, err, "stream_error", resp)
+                        if _is_content_event(obj):
+                            up.first_obj = obj
+                            up.pending = batch[i:]
+                            break
+                        up.prefix.append(p)
                 self._count_attempt(rep, "ok")
                 return up
         except AttemptError:
@@ -407,8 +454,8 @@ class Relay:
                 resp.close()
             raise
         except TimeoutError:
-            raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} sent no token in time"), "timeout",
-                             resp) from None
+            raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} sent no token in time"),
+                             _timeout_reason(rep), resp) from None
         except _CONNECT_ERRORS as e:
             raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} unreachable: {e}"), "connect",
                              resp) from None
@@ -435,6 +482,7 @@ class Relay:
         ctx.replica = up.replica
         await resp.prepare(http_request)
         write_timeout_s = self.config.server.client_write_timeout_s
+        stall_timeout_s = rc.stall_timeout_s
         observe_itl = self.metrics.inter_token.observe
         first_obj = up.first_obj or {}
         orig_id, orig_created, orig_model = first_obj.get("id"), first_obj.get("created"), first_obj.get("model")
@@ -443,54 +491,54 @@ class Relay:
         finish_seen = False
         last_write_s = 0.0
         resumed = False
+        loads, dumps = orjson.loads, orjson.dumps
 
         async def write(data: bytes) -> None:
             async with asyncio.timeout(write_timeout_s):
                 await resp.write(data)
 
         try:
-            for p in up.prefix:
-                await write(b"data: " + p + b"\n\n")
-            pending: bytes | None = up.first
-            pending_obj: dict[str, Any] | None = up.first_obj
+            if up.prefix:
+                await write(b"".join(b"data: " + p + b"\n\n" for p in up.prefix))
+            batch: list[bytes] | None = up.pending
+            up.pending = []
             self.metrics.ttft.labels(ctx.req.route).observe(time.monotonic() - ctx.started_s)
             self.ttft.observe(time.monotonic() - ctx.started_s)
             while True:
                 failure: tuple[str, UnbrokenError] | None = None
-                if pending is None:
+                if batch is None:
                     try:
-                        async with asyncio.timeout(rc.stall_timeout_s):
-                            pending = await up.next_payload()
-                        if pending is None:
+                        async with _watched(up.replica, stall_timeout_s):
+                            batch = await up.read_batch()
+                        if batch is None:
                             if finish_seen:
                                 up.finish(True)
                                 await write(b"data: [DONE]\n\n")
                                 break
                             failure = ("closed", UpstreamError(f"replica {up.replica.replica_id} closed the stream"))
                     except TimeoutError:
-                        failure = ("stall", UpstreamError(f"replica {up.replica.replica_id} stalled"))
+                        failure = (_timeout_reason(up.replica, "stall"),
+                                   UpstreamError(f"replica {up.replica.replica_id} stalled"))
                     except _BROKEN_ERRORS as e:
                         failure = ("connection", UpstreamError(f"replica {up.replica.replica_id} failed: {e}"))
                 if failure is None:
-                    assert pending is not None
-                    if pending == DONE:
-                        up.finish(True)
-                        await write(b"data: [DONE]\n\n")
-                        break
-                    obj = pending_obj if pending_obj is not None else orjson.loads(pending)
-                    pending_obj = None
-                    out = pending
-                    pending = None
-                    if "error" in obj:
-                        err = error_from_event(obj)
-                        if err.blames_replica:
-                            failure = ("stream_error", err)
-                        else:
-                            up.finish(None)
-                            await write(sse_error_event(err))
-                            ctx.status = err.status
+                    assert batch is not None
+                    out_parts: list[bytes] = []
+                    done = False
+                    end_with: bytes | None = None
+                    for p in batch:
+                        if p == DONE:
+                            done = True
                             break
-                    if failure is None:
+                        obj = loads(p)
+                        if "error" in obj:
+                            err = error_from_event(obj)
+                            if err.blames_replica:
+                                failure = ("stream_error", err)
+                            else:
+                                end_with = sse_error_event(err)
+                                ctx.status = err.status
+                            break
                         rewrite = resumed
                         choices = obj.get("choices")
                         if choices:
@@ -514,12 +562,26 @@ class Relay:
                         if rewrite:
                             if resumed:
                                 obj["id"], obj["created"], obj["model"] = orig_id, orig_created, orig_model
-                            out = orjson.dumps(obj)
-                        await write(b"data: " + out + b"\n\n")
+                            p = dumps(obj)
+                        out_parts.append(b"data: " + p + b"\n\n")
+                    batch = None
+                    if done:
+                        out_parts.append(b"data: [DONE]\n\n")
+                    elif end_with is not None:
+                        out_parts.append(end_with)
+                    if out_parts:
+                        await write(b"".join(out_parts))
                         now = time.monotonic()
                         if last_write_s:
                             observe_itl(now - last_write_s)
                         last_write_s = now
+                    if done:
+                        up.finish(True)
+                        break
+                    if end_with is not None:
+                        up.finish(None)
+                        break
+                    if failure is None:
                         continue
                 # the replica failed mid-stream
                 assert failure is not None
@@ -555,7 +617,8 @@ class Relay:
                     break
                 resumed = True
                 ctx.replica = up.replica
-                pending, pending_obj = up.first, up.first_obj  # the role chunk in up.prefix is dropped
+                batch = up.pending  # the role chunk in up.prefix is dropped
+                up.pending = []
         except (ConnectionError, TimeoutError, aiohttp.ClientConnectionResetError) as e:
             self.metrics.client_disconnects.labels("timeout" if isinstance(e, TimeoutError) else "gone").inc()
             up.finish(None)

@@ -9,6 +9,7 @@ and keeps ``routable_by_model`` precomputed so that the request path does no sca
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class Replica:
     registry_models: tuple[str, ...] = ()
     ring_token: str = ""  # stable name on the hash ring (the URL)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The timeouts of every wait on this replica now running (a response, a stream's next event):
+    # when the replica is declared unhealthy they all expire at once, so that its in-flight work
+    # moves elsewhere within the detection bound instead of after its own, longer timeout.
+    waits: set[asyncio.Timeout] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -74,6 +79,15 @@ class Replica:
             return 0.0
         total = r.kv_bytes_used + r.kv_bytes_free
         return r.kv_bytes_used / total if total > 0 else 0.0
+
+    def expire_waits(self) -> int:
+        """Expire every running wait on this replica now (each raises TimeoutError where it waits)."""
+        if not self.waits:
+            return 0
+        now = asyncio.get_running_loop().time()
+        for cm in list(self.waits):
+            cm.reschedule(now)
+        return len(self.waits)
 
     def has_kv_headroom(self, num_prompt_tokens: int) -> bool:
         r = self.report
@@ -145,6 +159,8 @@ class ReplicaSet:
         self.by_url: dict[str, Replica] = {}
         self.routable_by_model: dict[str, list[Replica]] = {}
         self.ring_members: list[Replica] = []
+        self.all_models: frozenset[str] = frozenset()
+        self.default_model: str | None = None  # the base model, when exactly one is known
         self.version = 0
         self._listeners: list[Any] = []
 
@@ -203,6 +219,8 @@ class ReplicaSet:
             rep.state = state
             self.refresh()
             self._emit("state", rep)
+            if state is ReplicaState.UNHEALTHY:
+                rep.expire_waits()
 
     def set_report(self, rep: Replica, report: ReplicaStateReport) -> None:
         rep.report = report
@@ -224,13 +242,16 @@ class ReplicaSet:
                     by_model.setdefault(m, []).append(rep)
         self.routable_by_model = by_model
         self.ring_members = sorted(self.by_url.values(), key=lambda r: r.ring_token)
+        models: set[str] = set()
+        for rep in self.by_url.values():
+            models |= rep.models
+        self.all_models = frozenset(models)
+        bases = {m for m in models if ":" not in m}
+        self.default_model = next(iter(bases)) if len(bases) == 1 else None
         self.version += 1
 
-    def known_models(self) -> set[str]:
-        out: set[str] = set()
-        for rep in self.by_url.values():
-            out |= rep.models
-        return out
+    def known_models(self) -> frozenset[str]:
+        return self.all_models
 
     def num_healthy(self) -> int:
         return sum(1 for r in self.by_url.values() if r.state is ReplicaState.HEALTHY)

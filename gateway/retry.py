@@ -137,6 +137,16 @@ class RetryExecutor:
         """Call ``attempt(n)`` (n = 1, 2, ...) until it returns or a non-retryable error, the attempt
         limit, the deadline or the budget stops it; the last error is raised."""
 
+        # Fast path: most requests succeed at once, and building a tenacity controller costs more
+        # than the request's own routing. Only a retryable failure enters the retry loop, which
+        # starts by replaying that failure so tenacity sees (and waits after) every attempt.
+        try:
+            return await attempt(1)
+        except AttemptError as e:
+            if not is_retryable(e) or max_attempts <= 1:
+                raise
+            first_failure: AttemptError | None = e
+
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if hooks is not None and isinstance(exc, AttemptError):
@@ -152,5 +162,9 @@ class RetryExecutor:
         )
         async for trial in retrying:
             with trial:
-                return await attempt(trial.retry_state.attempt_number)
+                n = trial.retry_state.attempt_number
+                if n == 1 and first_failure is not None:
+                    failure, first_failure = first_failure, None
+                    raise failure
+                return await attempt(n)
         raise AssertionError("unreachable")  # pragma: no cover

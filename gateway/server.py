@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -59,10 +59,6 @@ class Gateway:
     discovery: RegistryDiscovery | None = None
     session_sync: RedisSessionSync | None = None
     draining: bool = False
-
-    def default_model(self) -> str | None:
-        bases = {m for m in self.replicas.known_models() if ":" not in m}
-        return next(iter(bases)) if len(bases) == 1 else None
 
     def apply_drain(self, replica_id: str) -> bool:
         rep = self.replicas.find(replica_id)
@@ -169,7 +165,7 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
     gw = request.app[GATEWAY_KEY]
     cfg = gw.config
     started = time.monotonic()
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request_id = request.headers.get("X-Request-ID") or os.urandom(12).hex()
     out_headers = {"X-Request-ID": request_id}
     status = 500
     replica_label = "none"
@@ -177,13 +173,13 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         key = gw.auth.authenticate(request.headers.get("Authorization"))
     except UnbrokenError as e:
         gw.metrics.auth_failures.labels(e.code or "invalid").inc()
-        gw.metrics.requests.labels(route, str(e.status), "none").inc()
+        gw.metrics.count_request(route, e.status, "none", time.monotonic() - started)
         return error_response(e, headers=out_headers)
     try:
         body = await read_json_body(request, cfg.server.max_body_bytes)
-        req = parse_request(route, body, request.headers, gw.default_model())
-        if req.model not in gw.replicas.known_models():
-            if not gw.replicas.known_models():
+        req = parse_request(route, body, request.headers, gw.replicas.default_model)
+        if req.model not in gw.replicas.all_models:
+            if not gw.replicas.all_models:
                 raise NoReplicaError("no replica has reported its models yet",
                                      retry_after_s=cfg.degradation.retry_after_s)
             raise ModelNotFoundError(f"model {req.model!r} does not exist; available: "
@@ -201,8 +197,7 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         status = e.status
         return error_response(e, headers=out_headers)
     finally:
-        gw.metrics.requests.labels(route, str(status), replica_label).inc()
-        gw.metrics.request_duration.labels(route).observe(time.monotonic() - started)
+        gw.metrics.count_request(route, status, replica_label, time.monotonic() - started)
 
 
 async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,

@@ -91,6 +91,64 @@ async def test_sigstopped_replica_process_leaves_rotation_within_1s(tmp_path: Pa
         proc.stop()
 
 
+async def test_work_in_flight_on_a_hung_replica_moves_within_the_detection_bound(tmp_path: Path) -> None:
+    """SIGSTOP a replica process while a stream and a non-stream call run on it: both finish on the
+    other replica about a second later (when heartbeats declare it unhealthy), long before the
+    stream's stall timeout (10 s here) or the non-stream timeout."""
+    from gateway.testing import parse_sse, stream_tokens
+    from loadtest.mock_replica import expected_completion, prompt_text
+
+    port = free_port()
+    proc = ManagedProcess("mock", [sys.executable, "-m", "loadtest.mock_replica", "--port", str(port),
+                                   "--replica-id", "hung", "--token-interval-ms", "25"],
+                          log_path=tmp_path / "mock.log", ready_url=f"http://127.0.0.1:{port}/health").start()
+    other = await MockReplica(MockKnobs(token_interval_ms=1, draining=True), replica_id="other").start()
+    gw = None
+    try:
+        proc.wait_ready(30)
+        gw = await RunningGateway(config([f"http://127.0.0.1:{port}", other.url],
+                                         replicas={"stall_timeout_s": 10.0, "nonstream_timeout_s": 60.0})).start()
+        await gw.wait_healthy(1)
+        hung = gw.gateway.replicas.find("hung")
+        body = {"model": "qwen", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 120}
+
+        async def stream() -> tuple[int, str]:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    return r.status, await r.text()
+
+        async def whole() -> tuple[int, Any]:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/v1/chat/completions", json=body) as r:
+                    return r.status, await r.json()
+
+        tasks = [asyncio.create_task(stream()), asyncio.create_task(whole())]
+        assert await _time_until(lambda: hung.num_inflight == 2, 5.0) < 5.0
+        other.knobs.draining = False  # somewhere to go
+        assert await _time_until(lambda: gw.gateway.replicas.find("other").state is ReplicaState.HEALTHY, 3.0) < 3.0
+        await asyncio.sleep(0.3)  # the stream is under way
+        proc.signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        (s_status, s_text), (w_status, w_body) = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        elapsed = time.monotonic() - t0
+        assert s_status == 200 and w_status == 200
+        want_ids, want_text = expected_completion(prompt_text(body), 120)
+        events = parse_sse(s_text)
+        assert stream_tokens(events) == (want_ids, want_text)
+        assert events[-1] == "[DONE]" and events[-2]["unbroken"]["failovers"] == 1
+        assert w_body["choices"][0]["token_ids"] == want_ids
+        # Moved when declared unhealthy (~3 missed heartbeats), plus the rest of the generation.
+        assert elapsed < 5.0, f"took {elapsed:.2f}s"
+        text = gw.gateway.metrics.render().decode()
+        assert 'unbroken_gateway_failovers_total{reason="lost"} 1.0' in text
+    finally:
+        if gw is not None:
+            await gw.stop()
+        await other.stop()
+        proc.signal(signal.SIGCONT)
+        proc.stop()
+
+
 async def _admin(gw: RunningGateway, method: str, path: str, key: str | None = None) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as s:
