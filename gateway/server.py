@@ -32,7 +32,7 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
-from unbroken.errors import ModelNotFoundError, NoReplicaError, NotFoundError, UnbrokenError
+from unbroken.errors import ModelNotFoundError, NoReplicaError, NotFoundError, ShedError, UnbrokenError
 from unbroken.http import error_middleware, error_response, json_response, read_json_body
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,26 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         gw.metrics.count_request(route, status, replica_label, time.monotonic() - started)
 
 
+def _shed_reason(err: UnbrokenError) -> str:
+    if isinstance(err, ShedError):
+        return "batch"  # batch work goes first, before the queue
+    if isinstance(err, NoReplicaError):
+        return "no_replica"
+    return "queue"  # the queue was full or its wait ran out
+
+
 async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,
                  out_headers: dict[str, str], started: float, key: ApiKey) -> tuple[web.StreamResponse, int, str]:
     cfg = gw.config
     deadline = started + cfg.server.request_deadline_s
     gw.budget.on_request()
-    admission = await gw.degradation.admit(req, deadline)
+    try:
+        admission = await gw.degradation.admit(req, deadline)
+    except UnbrokenError as e:  # the last tier: shed
+        gw.metrics.sheds.labels(_shed_reason(e), req.priority).inc()
+        gw.metrics.degradations.labels("shed").inc()
+        out_headers["X-Unbroken-Degraded"] = "shed"
+        raise
     try:
         for tier in admission.tiers:
             gw.metrics.degradations.labels(tier).inc()

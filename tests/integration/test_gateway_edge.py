@@ -141,13 +141,16 @@ async def test_shedding_returns_retry_after() -> None:
             shed_normal = await one("normal")  # the queue (1) is full
             shed_batch = await one("batch")
             results = await asyncio.gather(*tasks)
-            assert shed_normal[0] == 503 and shed_normal[1] == "3"
-            assert shed_batch[0] == 429 and shed_batch[1] == "3"
+            assert shed_normal[0] == 503 and shed_normal[1] == "3" and shed_normal[2] == "shed"
+            assert shed_batch[0] == 429 and shed_batch[1] == "3" and shed_batch[2] == "shed"
             assert [r[0] for r in results] == [200, 200]
             q = await queued
             assert q[0] == 200 and q[2] == "clamped,queued"
         text = gw.gateway.metrics.render().decode()
         assert 'unbroken_gateway_degradations_total{tier="queued"} 1.0' in text
+        assert 'unbroken_gateway_degradations_total{tier="shed"} 2.0' in text
+        assert 'unbroken_gateway_sheds_total{priority="normal",tier="queue"} 1.0' in text
+        assert 'unbroken_gateway_sheds_total{priority="batch",tier="batch"} 1.0' in text
     finally:
         await gw.stop()
         await m.stop()
