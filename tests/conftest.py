@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny Qwen checkpoint written at test time, a throwaway redis-server, and
-real replica processes on free ports."""
+"""Shared fixtures: a tiny Qwen checkpoint written at test time, a throwaway redis-server, the
+model's own greedy generate() as the reference, and promtool."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def redis_proc(tmp_path: Path) -> Iterator[tuple[ManagedProcess, str]]:
         yield proc, url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool (the set-up unpacks it into .tools/bin when it is not installed)."""
+    found = shutil.which("promtool") or str(Path(__file__).resolve().parents[1] / ".tools" / "bin" / "promtool")
+    if not Path(found).is_file():
+        pytest.fail("promtool is not installed (scripts/test.sh unpacks it from Debian's prometheus package)")
+    return found
 
 
 @pytest.fixture

@@ -169,6 +169,26 @@ def test_next_turn_after_kill_9_is_restored_from_kvsync(healthy: Stack, referenc
     assert restored >= 1
 
 
+def test_every_metrics_endpoint_passes_promtool(healthy: Stack, promtool: str) -> None:
+    """After the faults above: the gateway's, each replica's and each sidecar's exposition."""
+    import subprocess
+    import urllib.request
+
+    urls = {"gateway": healthy.url}
+    for r in healthy.replicas:
+        urls[r.replica_id] = r.direct_url
+        urls[f"kvsync-{r.replica_id}"] = sidecar_url(healthy, r.replica_id)
+    for name, url in urls.items():
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read()
+        assert b"unbroken_" in text, name
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+        assert check.returncode == 0, f"{name}: {check.stdout.decode()}{check.stderr.decode()}"
+    with urllib.request.urlopen(healthy.url + "/metrics", timeout=10) as resp:
+        gateway_text = resp.read().decode()
+    assert 'unbroken_gateway_failovers_total{reason=' in gateway_text
+
+
 def test_with_redis_killed_the_turn_after_a_failover_is_recomputed(healthy: Stack, reference) -> None:
     """Last in the module: Redis stays down (the stack's sidecars keep serving without it)."""
     tok, generate = reference
