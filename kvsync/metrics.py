@@ -27,7 +27,7 @@ class KVSyncMetrics:
             registry=r)
         self.snapshots_abandoned = Counter(
             PREFIX + "snapshots_abandoned_total",
-            "Accepted snapshots that could not be committed (their base blocks were gone).",
+            "Accepted snapshots that could not be committed: base blocks gone (base_lost) or an unexpected error.",
             ["reason"], registry=r)
         self.snapshot_bytes_written = Counter(
             PREFIX + "snapshot_bytes_written_total", "Block bytes written to Redis.", registry=r)

@@ -243,6 +243,15 @@ class ReplicationWriter:
                 self.update_gauges()
                 await asyncio.sleep(self._backoff.compute(self.num_failures))
                 continue
+            except Exception:  # noqa: BLE001 - one bad write must not end replication for every session
+                log.exception("kvsync: writing session %s failed unexpectedly; its snapshot is dropped and "
+                              "its next one must be full", sid)
+                self.metrics.snapshots_abandoned.labels("error").inc()
+                if self.pending.get(sid) is write:
+                    del self.pending[sid]
+                self.forget(sid)
+                self.update_gauges()
+                continue
             if self.paused:
                 log.warning("kvsync: Redis reachable again after %d failed writes; replication resumed",
                             self.num_failures)
