@@ -1,0 +1,29 @@
+"""One real stack for the chaos suite: Redis, two replicas of the tiny model with their kvsync
+sidecars, a fault proxy in front of each replica, and the gateway. Ended by pid at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from loadtest.chaos import wait_all_healthy
+from unbroken.launcher import Stack, StackConfig
+
+
+@pytest.fixture(scope="session")
+def chaos_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig.model_validate({
+        "replicas": {"count": 2, "model_path": str(tiny_model_dir), "ready_timeout_s": 240},
+        "gateway": {"port": 0},
+        "fault_proxy": {"enabled": True},
+        "run": {"stop_timeout_s": 10},
+    })
+    stack = Stack(config, run_dir=tmp_path_factory.mktemp("chaos-stack"), progress=lambda *_: None)
+    try:
+        stack.start()
+        assert wait_all_healthy(stack, 60), "the chaos stack did not become healthy"
+        yield stack
+    finally:
+        stack.stop()
