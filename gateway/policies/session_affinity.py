@@ -52,10 +52,6 @@ class HashRing:
                 if len(seen) == len(self.members):
                     return
 
-    def position_of(self, rep: Replica) -> int | None:
-        """A ring hash at which ``rep`` is first in the walk (its first vnode)."""
-        return ring_hash(f"{rep.ring_token}#0") if rep in self.members else None
-
 
 class SessionPlacementStore:
     """Where sessions were moved to (``gateway/sessions.py`` implements it, with Redis)."""
@@ -112,9 +108,9 @@ class SessionAffinityPolicy:
         if home is not None and home in cand and home.num_inflight + 1 <= bound:
             return home
         home_failed = home is None or home not in cand
+        # Walk from the key's own point: a failed replica's sessions spread over the replicas that
+        # follow each of its points on the ring, instead of all landing on one successor.
         start = ring_hash(key)
-        if home is not None and (pos := ring.position_of(home)) is not None:
-            start = pos
         chosen: Replica | None = None
         spill: Replica | None = None
         for rep in ring.walk(start):

@@ -89,6 +89,18 @@ def test_sessions_stick_move_on_failure_and_stay_moved() -> None:
     assert len(moves) == sum(1 for k in keys if homes[k] is victim)
 
 
+def test_a_failed_replicas_sessions_spread_over_the_others() -> None:
+    rs = make_set(4)
+    pol = _affinity(rs, SessionPlacements(), [])
+    keys = [f"conv-{i}" for i in range(400)]
+    homes = {k: pol.select(rs.candidates("qwen"), RouteRequest("qwen", session_key=k)) for k in keys}
+    victim = homes["conv-0"]
+    rs.set_state(victim, ReplicaState.UNHEALTHY)
+    orphans = [k for k in keys if homes[k] is victim]
+    moved_to = {pol.select(rs.candidates("qwen"), RouteRequest("qwen", session_key=k)) for k in orphans}
+    assert victim not in moved_to and len(moved_to) == 3, "each orphan follows its own point on the ring"
+
+
 def test_bounded_load_spills_a_busy_home_without_moving_the_session() -> None:
     rs = make_set(3)
     placements = SessionPlacements()
