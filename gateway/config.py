@@ -38,6 +38,10 @@ class ReplicasSection(Section):
     stall_timeout_s: float = Field(5.0, gt=0, description="A stream with no chunk for this long is stalled: "
                                                           "the gateway fails it over.")
     nonstream_timeout_s: float = Field(120.0, gt=0, description="Longest a non-stream replica call may take.")
+    no_replica_wait_s: float = Field(5.0, ge=0, description="When no replica can take a request (or a stream "
+                                     "to resume) right now, keep trying this long (within the deadline) "
+                                     "before giving up: a replica coming back or a half-open breaker "
+                                     "letting work through again is often a moment away.")
     max_connections_per_replica: int = Field(256, gt=0, description="Pooled connections per replica.")
 
 

@@ -59,6 +59,7 @@ from unbroken.http import sse_error_event
 log = logging.getLogger(__name__)
 
 DONE = b"[DONE]"
+NO_REPLICA_POLL_S = 0.05
 
 
 class _watched:
@@ -300,8 +301,17 @@ class Relay:
                 return await self._hedged(attempt)
             return await attempt()
 
-        return await self.executor.run(one, max_attempts=self.executor.max_attempts_for(ctx.req.priority),
-                                       deadline_s=ctx.deadline_s, hooks=self._hooks(ctx))
+        # No replica at all is not retried by the executor (it is no replica's fault, and retrying
+        # would spend the budget); it is waited out here, briefly, polling for one.
+        wait_until = min(ctx.deadline_s, time.monotonic() + self.config.replicas.no_replica_wait_s)
+        while True:
+            try:
+                return await self.executor.run(one, max_attempts=self.executor.max_attempts_for(ctx.req.priority),
+                                               deadline_s=ctx.deadline_s, hooks=self._hooks(ctx))
+            except AttemptError as e:
+                if e.reason != "no_replica" or time.monotonic() + NO_REPLICA_POLL_S > wait_until:
+                    raise
+            await asyncio.sleep(NO_REPLICA_POLL_S)
 
     async def _hedged(self, attempt: Callable[[], Awaitable[Any]]) -> Any:
         """Start ``attempt``; if it has not answered after the hedge delay, start a second copy (on

@@ -220,7 +220,21 @@ class ReplicaSet:
             self.refresh()
             self._emit("state", rep)
             if state is ReplicaState.UNHEALTHY:
-                rep.expire_waits()
+                self._move_work_off(rep)
+            elif state is ReplicaState.HEALTHY:
+                for other in self.by_url.values():
+                    if other.state is ReplicaState.UNHEALTHY and other.waits:
+                        self._move_work_off(other)
+
+    def _move_work_off(self, rep: Replica) -> None:
+        """Expire the waits on an unhealthy replica, but only when another replica in rotation
+        (healthy, breaker not open) serves one of its models: with nowhere to go, work on a hung
+        replica had better wait for it (its own stall timeout still applies) than fail."""
+        for m in rep.models:
+            for other in self.routable_by_model.get(m) or ():
+                if other is not rep and (other.breaker is None or other.breaker.state is not BreakerState.OPEN):
+                    rep.expire_waits()
+                    return
 
     def set_report(self, rep: Replica, report: ReplicaStateReport) -> None:
         rep.report = report

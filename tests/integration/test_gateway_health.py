@@ -160,7 +160,7 @@ async def test_breaker_trips_on_500s_but_not_on_4xx() -> None:
     bad = await MockReplica(MockKnobs(status_override=400), replica_id="bad").start()
     gw = await RunningGateway(config([bad.url], breaker={"failure_threshold": 3, "open_duration_s": 0.3,
                                                          "half_open_successes": 1},
-                                     retry={"max_attempts": 1})).start()
+                                     retry={"max_attempts": 1}, replicas={"no_replica_wait_s": 0})).start()
     try:
         await gw.wait_healthy(1)
         rep = gw.gateway.replicas.find("bad")
@@ -189,6 +189,36 @@ async def test_breaker_trips_on_500s_but_not_on_4xx() -> None:
     finally:
         await gw.stop()
         await bad.stop()
+
+
+async def test_a_request_with_no_replica_right_now_waits_briefly_for_one() -> None:
+    """The only replica's breaker is open: the request waits (no_replica_wait_s) until the breaker
+    half-opens and is served, instead of failing at once; with no replica at all it gets 503 after
+    the wait."""
+    m = await MockReplica(MockKnobs(fail_first_n=3), replica_id="m").start()
+    gw = await RunningGateway(config([m.url], breaker={"failure_threshold": 3, "open_duration_s": 0.5},
+                                     retry={"max_attempts": 1}, replicas={"no_replica_wait_s": 2.0})).start()
+    try:
+        await gw.wait_healthy(1)
+        rep = gw.gateway.replicas.find("m")
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 500
+            assert rep.breaker.state is BreakerState.OPEN
+            t0 = time.monotonic()
+            async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert r.status == 200 and (await r.text()).endswith("data: [DONE]\n\n")
+            assert 0.3 < time.monotonic() - t0 < 1.5
+            await m.stop()
+            await _time_until(lambda: rep.state is ReplicaState.UNHEALTHY, 2.0)
+            t0 = time.monotonic()
+            async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 503 and r.headers.get("Retry-After")
+            assert time.monotonic() - t0 >= 1.9
+    finally:
+        await gw.stop()
+        await m.stop()
 
 
 async def test_admin_drain_stops_new_work_while_running_streams_finish() -> None:
