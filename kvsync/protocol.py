@@ -199,11 +199,18 @@ def block_hash(prev_hash: str, token_ids: list[int], identity_root_hash: str) ->
 class BlockRef:
     """One block as a manifest names it: ``num_tokens`` tokens of every layer's K and V."""
 
-    key: str  # the chained prefix hash; the Redis key is ``{prefix}:block:{key}``
+    key: str  # the chained prefix hash; the Redis key is ``{prefix}:block:{store_id}``
     num_tokens: int
     stored_bytes: int  # bytes in Redis (after compression)
     raw_bytes: int  # bytes of the tensors
     crc32: int  # of the stored bytes
+
+    @property
+    def store_id(self) -> str:
+        """The block's name in Redis: its chain key *and* its checksum. Two computations of the same
+        prefix that are not bit-identical (another batch, another session) are two blocks, so a
+        write never changes the bytes under another session's manifest; identical ones share."""
+        return f"{self.key}.{self.crc32}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "num_tokens": self.num_tokens, "stored_bytes": self.stored_bytes,

@@ -70,7 +70,7 @@ async def _restore(store: KVStore, metrics: KVSyncMetrics, session_id: str,
     if manifest.identity != identity:
         return RestoreResult("mismatch", transcript=manifest.transcript,
                              message=f"snapshot is of {manifest.identity.to_dict()}, asked for {identity.to_dict()}")
-    stored = await store.read_blocks([b.key for b in manifest.blocks])
+    stored = await store.read_blocks([b.store_id for b in manifest.blocks])
     try:
         snapshot = await asyncio.to_thread(assemble, manifest, stored)
     except BadData as e:

@@ -2,8 +2,9 @@
 
 Keys (``P`` = ``redis.key_prefix``, default ``unbroken:kv``)::
 
-    P:block:{hash}        block bytes (content-addressed; TTL = ttl_s + grace)
-    P:ref:{hash}          how many manifests name the block (same TTL as the block)
+    P:block:{id}          block bytes; id = BlockRef.store_id = chain key + "." + crc32, so equal
+                          prefixes share a block only when their bytes are equal (TTL = ttl_s + grace)
+    P:ref:{id}            how many manifests name the block (same TTL as the block)
     P:manifest:{session}  the session's Manifest (JSON; TTL = ttl_s), written last
     P:lru                 sorted set: session -> last use (ms since the epoch)
     P:bytes               hash: session -> bytes its manifest names
@@ -41,6 +42,9 @@ BLOCK_TTL_GRACE_MS = 60_000
 PIPELINE_BYTES = 4 * 1024 * 1024
 
 _EVICT = """
+local function store_id(b)
+  return b.key .. '.' .. string.format('%d', b.crc32)
+end
 local function evict(p, v, lru, bytes_key, total_key)
   local mk = p .. ':manifest:' .. v
   local m = redis.call('GET', mk)
@@ -48,9 +52,10 @@ local function evict(p, v, lru, bytes_key, total_key)
     local ok, d = pcall(cjson.decode, m)
     if ok and type(d) == 'table' and type(d.blocks) == 'table' then
       for _, b in ipairs(d.blocks) do
-        if type(b) == 'table' and type(b.key) == 'string' then
-          local n = redis.call('DECR', p .. ':ref:' .. b.key)
-          if n <= 0 then redis.call('DEL', p .. ':ref:' .. b.key, p .. ':block:' .. b.key) end
+        if type(b) == 'table' and type(b.key) == 'string' and type(b.crc32) == 'number' then
+          local h = store_id(b)
+          local n = redis.call('DECR', p .. ':ref:' .. h)
+          if n <= 0 then redis.call('DEL', p .. ':ref:' .. h, p .. ':block:' .. h) end
         end
       end
     end
@@ -65,7 +70,7 @@ end
 
 # KEYS: manifest, lru, bytes, total.
 # ARGV: prefix, session, manifest json, manifest ttl ms, block ttl ms, now ms, session bytes, cap bytes,
-#       then the block hashes the manifest names, in order.
+#       then the store ids (``BlockRef.store_id``) of the blocks the manifest names, in order.
 COMMIT_SCRIPT = _EVICT + """
 local p, sid = ARGV[1], ARGV[2]
 local ttl, block_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -81,7 +86,9 @@ if old then
   local ok, d = pcall(cjson.decode, old)
   if ok and type(d) == 'table' and type(d.blocks) == 'table' then
     for _, b in ipairs(d.blocks) do
-      if type(b) == 'table' and type(b.key) == 'string' then oldset[b.key] = true end
+      if type(b) == 'table' and type(b.key) == 'string' and type(b.crc32) == 'number' then
+        oldset[store_id(b)] = true
+      end
     end
   end
 end
@@ -133,7 +140,7 @@ return 1
 @dataclass
 class CommitResult:
     committed: bool
-    missing: list[str] = field(default_factory=list)  # block hashes that were not in Redis
+    missing: list[str] = field(default_factory=list)  # store ids of blocks that were not in Redis
     evicted: list[str] = field(default_factory=list)  # sessions evicted by the memory cap
     total_bytes: int = 0
 
@@ -159,8 +166,8 @@ class KVStore:
         await self.redis.aclose()
 
     # -- keys ----------------------------------------------------------------------------------------------
-    def block_key(self, block_hash: str) -> str:
-        return f"{self.prefix}:block:{block_hash}"
+    def block_key(self, store_id: str) -> str:
+        return f"{self.prefix}:block:{store_id}"
 
     def manifest_key(self, session_id: str) -> str:
         return f"{self.prefix}:manifest:{session_id}"
@@ -196,7 +203,7 @@ class KVStore:
     async def _set_blocks(self, blocks: Sequence[Block]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for b in blocks:
-                pipe.set(self.block_key(b.ref.key), b.data, px=self.block_ttl_ms)
+                pipe.set(self.block_key(b.ref.store_id), b.data, px=self.block_ttl_ms)
             await pipe.execute()
 
     async def commit(self, manifest: Manifest, now_ms: int | None = None) -> CommitResult:
@@ -207,7 +214,7 @@ class KVStore:
             keys=[self.manifest_key(manifest.session_id), *self._index_keys],
             args=[self.prefix, manifest.session_id, body, self.manifest_ttl_ms, self.block_ttl_ms,
                   now_ms if now_ms is not None else int(time.time() * 1000), session_bytes,
-                  self.store_cfg.max_memory_bytes, *[b.key for b in manifest.blocks]],
+                  self.store_cfg.max_memory_bytes, *[b.store_id for b in manifest.blocks]],
         )
         ok, missing, evicted, total = res
         return CommitResult(committed=bool(int(ok)), missing=[_s(m) for m in missing],

@@ -184,13 +184,13 @@ class ReplicationWriter:
             session_id=sid, identity=snapshot.identity, token_ids=list(snapshot.token_ids),
             block_tokens=self.block_tokens, dtype=snapshot.identity.dtype, blocks=refs,
             compression=self.config.store.compression, transcript=transcript, created_at_s=time.time())
-        new_blocks = {b.ref.key: b for b in blocks}
+        new_blocks = {b.ref.store_id: b for b in blocks}
         accepted_at = time.monotonic()
         old = self.pending.pop(sid, None)
         if old is not None:
             self.metrics.snapshots_coalesced.inc()
             accepted_at = old.accepted_at_s
-            wanted = {r.key for r in refs}
+            wanted = {r.store_id for r in refs}
             for key, b in old.blocks.items():
                 if key in wanted and key not in new_blocks:
                     new_blocks[key] = b
@@ -290,14 +290,14 @@ class ReplicationWriter:
         elif current is not None:
             # A newer snapshot arrived meanwhile; what this manifest names is now in Redis.
             for ref in write.manifest.blocks:
-                if ref.key in current.blocks and ref.key in write.uploaded:
-                    current.uploaded.add(ref.key)
+                if ref.store_id in current.blocks and ref.store_id in write.uploaded:
+                    current.uploaded.add(ref.store_id)
 
     async def _upload(self, write: PendingWrite, blocks: list[Block]) -> None:
         if not blocks:
             return
         await self.store.put_blocks(blocks)
-        write.uploaded.update(b.ref.key for b in blocks)
+        write.uploaded.update(b.ref.store_id for b in blocks)
         self.metrics.blocks_written.inc(len(blocks))
         self.metrics.snapshot_bytes_written.inc(sum(len(b.data) for b in blocks))
 

@@ -52,7 +52,7 @@ def _assert_every_manifest_names_existing_blocks(r: redis.Redis) -> int:
     num = 0
     for key in r.scan_iter(match=f"{PREFIX}:manifest:*"):
         m = Manifest.from_json(r.get(key))
-        missing = [b.key for b in m.blocks if not r.exists(f"{PREFIX}:block:{b.key}")]
+        missing = [b.key for b in m.blocks if not r.exists(f"{PREFIX}:block:{b.store_id}")]
         assert not missing, f"{key!r} names missing blocks {missing}"
         num += 1
     return num
@@ -204,7 +204,7 @@ def test_sidecar_killed_mid_write_leaves_no_manifest_naming_missing_blocks(
             proxy.set_fault(stall=True, direction="downstream")
             assert client.publish(snapshot_of("s1", IDENT, tokens, keys, values, start=16))
             new_keys = chain_keys(IDENT, tokens, B)[2:]
-            _wait_for(lambda: all(r.exists(f"{PREFIX}:block:{k}") for k in new_keys), what="new blocks in Redis")
+            _wait_for(lambda: all(r.keys(f"{PREFIX}:block:{k}.*") for k in new_keys), what="new blocks in Redis")
             time.sleep(0.2)
             proc.kill()
         finally:
@@ -213,7 +213,7 @@ def test_sidecar_killed_mid_write_leaves_no_manifest_naming_missing_blocks(
     m = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"))
     assert m.token_ids == tokens[:20]
     assert _assert_every_manifest_names_existing_blocks(r) == 1
-    assert all(r.pttl(f"{PREFIX}:block:{k}") > 0 for k in new_keys)
+    assert all(r.pttl(r.keys(f"{PREFIX}:block:{k}.*")[0]) > 0 for k in new_keys)
     assert not {b.key for b in m.blocks} & set(new_keys[1:])
     # And a fresh sidecar restores exactly the old snapshot.
     proc2, sidecar2 = start_sidecar(redis_url, log_path=tmp_path / "k2.log", settings={"store.block_tokens": B})
@@ -243,7 +243,7 @@ def test_commit_refuses_a_manifest_whose_blocks_are_not_all_there(redis_url: str
         try:
             await store.put_blocks(blocks[:2])
             result = await store.commit(manifest)
-            assert not result.committed and result.missing == [blocks[2].ref.key]
+            assert not result.committed and result.missing == [blocks[2].ref.store_id]
             assert await store.read_manifest("s1") is None
             await store.put_blocks(blocks[2:])
             assert (await store.commit(manifest)).committed

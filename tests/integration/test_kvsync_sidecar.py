@@ -79,7 +79,7 @@ def test_write_then_read_back_exactly(client: KVSyncClient, sidecar: str, redis_
     manifest = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"))
     assert [b.key for b in manifest.blocks] == chain_keys(IDENT, tokens, B)
     assert [b.num_tokens for b in manifest.blocks] == [8, 8, 5]
-    assert all(r.exists(f"{PREFIX}:block:{b.key}") for b in manifest.blocks)
+    assert all(r.exists(f"{PREFIX}:block:{b.store_id}") for b in manifest.blocks)
     # Unknown session, another model, another adapter.
     assert _fetch(client, "nobody").outcome == "missing"
     other = _fetch(client, "s1", synthetic_identity(revision="r2"))
@@ -203,13 +203,14 @@ def test_memory_cap_evicts_least_recently_used_sessions(client: KVSyncClient, si
     assert int(r.get(f"{PREFIX}:total")) <= 11000
     assert metric_value(sidecar, "unbroken_kvsync_sessions_evicted_total") == 1
     # "b"'s blocks are gone; the shared block of "a" and "c" is counted twice and kept.
-    blocks = {k.decode().split(":")[-1] for k in r.scan_iter(match=f"{PREFIX}:block:*")}
+    blocks = {k.decode().split(":")[-1].split(".")[0] for k in r.scan_iter(match=f"{PREFIX}:block:*")}
     b_keys = chain_keys(IDENT, list(range(100, 100 + SESSION_TOKENS)), B)
     a_keys = chain_keys(IDENT, list(range(SESSION_TOKENS)), B)
     c_keys_chain = chain_keys(IDENT, c_tokens, B)
     assert not blocks & set(b_keys)
     assert a_keys[0] == c_keys_chain[0] and blocks == set(a_keys) | set(c_keys_chain)
-    assert int(r.get(f"{PREFIX}:ref:{a_keys[0]}")) == 2
+    shared = Manifest.from_json(r.get(f"{PREFIX}:manifest:a")).blocks[0].store_id
+    assert int(r.get(f"{PREFIX}:ref:{shared}")) == 2
     # Evicting "a" next must keep the block "c" still uses.
     kv["d"] = synthetic_kv(IDENT, SESSION_TOKENS, seed=13)
     assert _fetch(client, "c").outcome == "restored"
@@ -220,6 +221,23 @@ def test_memory_cap_evicts_least_recently_used_sessions(client: KVSyncClient, si
     assert res.outcome == "restored"
     for got, want in zip(res.snapshot.keys, c_keys):
         assert torch.equal(got, want)
+
+
+def test_equal_prefixes_with_different_bytes_do_not_spoil_each_other(client: KVSyncClient, sidecar: str,
+                                                                     redis_url: str) -> None:
+    """Two sessions with the same first tokens whose KV is not bit-identical (computed in other
+    batches): each keeps its own block, and both restore exactly."""
+    tokens = list(range(16))
+    kv = {sid: synthetic_kv(IDENT, 16, seed=seed) for sid, seed in (("x", 21), ("y", 22))}
+    for sid in ("x", "y"):
+        assert client.publish(snapshot_of(sid, IDENT, tokens, *kv[sid]))
+        wait_replicated(sidecar, client=client)
+    for sid in ("x", "y"):
+        res = _fetch(client, sid)
+        assert res.outcome == "restored", sid
+        _assert_kv_equal(res.snapshot, *kv[sid], 16)
+    r = redis.Redis.from_url(redis_url)
+    assert len(list(r.scan_iter(match=f"{PREFIX}:block:*"))) == 4  # 2 blocks each, none shared
 
 
 def _put_manifest(r: redis.Redis, m: Manifest) -> None:
@@ -239,7 +257,7 @@ def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar
         return Manifest.from_json(r.get(f"{PREFIX}:manifest:{sid}"))
 
     def block_key(sid: str) -> str:
-        return f"{PREFIX}:block:{manifest(sid).blocks[1].key}"
+        return f"{PREFIX}:block:{manifest(sid).blocks[1].store_id}"
 
     blob = r.get(block_key("trunc"))
     r.set(block_key("trunc"), blob[:-10], keepttl=True)
@@ -255,8 +273,8 @@ def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar
     # Data of another shape, with the manifest's checksum and size made to match it.
     m = manifest("shape")
     small = blob[: len(blob) // 2]
-    r.set(block_key("shape"), small, keepttl=True)
     m.blocks[1] = BlockRef(m.blocks[1].key, 8, len(small), m.blocks[1].raw_bytes, zlib.crc32(small))
+    r.set(f"{PREFIX}:block:{m.blocks[1].store_id}", small, px=60_000)
     _put_manifest(r, m)
     r.set(f"{PREFIX}:manifest:garbage", b"\x00\x01 not json", px=60_000)
 
