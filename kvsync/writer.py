@@ -110,6 +110,7 @@ class ReplicationWriter:
             "replication_paused": self.paused,
             "lag_s": self._lag_s(),
             "tracked_sessions": len(self.chains),
+            "block_tokens": self.block_tokens,
         }
 
     # -- accepting snapshots -------------------------------------------------------------------------------
