@@ -77,6 +77,19 @@ class KVSyncClient:
         self._unsent_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
+    def sidecar_block_tokens(self, timeout_s: float = 2.0) -> int | None:
+        """The block size the sidecar uses (``GET /v1/state``), or None when it cannot be asked now."""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+        try:
+            conn.request("GET", "/v1/state")
+            resp = conn.getresponse()
+            value = orjson.loads(resp.read()).get("block_tokens") if resp.status == 200 else None
+        except (OSError, http.client.HTTPException, orjson.JSONDecodeError, AttributeError):
+            return None
+        finally:
+            conn.close()
+        return value if isinstance(value, int) and value > 0 else None
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kvsync-client", daemon=True)

@@ -17,6 +17,7 @@ chaos tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
@@ -27,14 +28,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
 from loadtest.faults import FaultInjector
 from loadtest.report import RunSummary, write_report
 from loadtest.scenarios import Scenario, ScenarioRunner, gateway_replica_health, load_scenario
-from unbroken.launcher import Stack, load_stack_config
+from unbroken.launcher import Stack, StackConfig, load_stack_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_POLL_SLACK_S = 0.1
@@ -198,6 +199,24 @@ def wait_all_healthy(stack: Stack, timeout_s: float = 60.0) -> bool:
     return False
 
 
+class StackNotHealthy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def running_stack(config: StackConfig, run_dir: str | Path, *, healthy_timeout_s: float = 60.0,
+                  progress=print) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    """A started stack whose every part answers healthy; stopped (by pid) on the way out."""
+    stack = Stack(config, run_dir=run_dir, progress=progress)
+    try:
+        stack.start()
+        if not wait_all_healthy(stack, healthy_timeout_s):
+            raise StackNotHealthy("the stack did not become healthy")
+        yield stack
+    finally:
+        stack.stop()
+
+
 def run_scenario(stack: Stack, scenario: Scenario, report_dir: str | Path, *, command: str = "",
                  reference_timeout_s: float = 120.0) -> ChaosResult:
     """Play ``scenario`` under Locust load on a running ``stack``; write the report into ``report_dir``."""
@@ -271,16 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "fault_proxy.enabled": True if scenario.needs_fault_proxy else None,
     })
     command = "python -m loadtest.chaos " + " ".join(shlex.quote(a) for a in argv_list)
-    stack = Stack(config, run_dir=report_dir / "stack")
     print(f"chaos: {scenario.name} for {scenario.duration_s:.0f}s; logs in {report_dir}", flush=True)
     try:
-        stack.start()
-        if not wait_all_healthy(stack):
-            print("chaos: the stack did not become healthy", file=sys.stderr)
-            return 1
-        result = run_scenario(stack, scenario, report_dir, command=command)
-    finally:
-        stack.stop()
+        with running_stack(config, report_dir / "stack") as stack:
+            result = run_scenario(stack, scenario, report_dir, command=command)
+    except StackNotHealthy as e:
+        print(f"chaos: {e}", file=sys.stderr)
+        return 1
     from loadtest.report import summary_table
 
     print(summary_table(result.summary))

@@ -59,19 +59,6 @@ def load_replica_config(args: argparse.Namespace) -> ReplicaConfig:
     return load_config(ReplicaConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
 
 
-def sidecar_block_tokens(sidecar_url: str, timeout_s: float = 2.0) -> int | None:
-    """The block size the sidecar uses (its ``/v1/state``), or None when it cannot be asked now."""
-    import json
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(sidecar_url.rstrip("/") + "/v1/state", timeout=timeout_s) as r:
-            value = json.loads(r.read()).get("block_tokens")
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
-
-
 def make_kvsync_client(config: ReplicaConfig) -> Any:
     """The kvsync client when ``kvsync.enabled`` (None, with a warning, if kvsync is not installed)."""
     if not config.kvsync.enabled:
@@ -81,14 +68,14 @@ def make_kvsync_client(config: ReplicaConfig) -> Any:
     except ImportError as e:
         log.warning("kvsync.enabled but kvsync.client cannot be imported (%s); serving without kvsync", e)
         return None
-    sidecar_blocks = sidecar_block_tokens(config.kvsync.sidecar_url)
+    client = KVSyncClient(config.kvsync.sidecar_url, block_tokens=config.kvsync.block_tokens)
+    sidecar_blocks = client.sidecar_block_tokens()
     if sidecar_blocks is not None and sidecar_blocks != config.kvsync.block_tokens:
         # The sidecar owns the Redis layout; with another block size every incremental snapshot
         # would be refused and resent in full.
         log.warning("kvsync.block_tokens is %d but the sidecar at %s uses %d; using the sidecar's",
                     config.kvsync.block_tokens, config.kvsync.sidecar_url, sidecar_blocks)
-        config.kvsync.block_tokens = sidecar_blocks
-    client = KVSyncClient(config.kvsync.sidecar_url, block_tokens=config.kvsync.block_tokens)
+        config.kvsync.block_tokens = client.block_tokens = sidecar_blocks
     client.start()
     return client
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from loadtest.chaos import wait_all_healthy
+from loadtest.chaos import running_stack
 from unbroken.launcher import Stack, StackConfig
 
 
@@ -20,10 +20,5 @@ def chaos_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         "fault_proxy": {"enabled": True},
         "run": {"stop_timeout_s": 10},
     })
-    stack = Stack(config, run_dir=tmp_path_factory.mktemp("chaos-stack"), progress=lambda *_: None)
-    try:
-        stack.start()
-        assert wait_all_healthy(stack, 60), "the chaos stack did not become healthy"
+    with running_stack(config, tmp_path_factory.mktemp("chaos-stack"), progress=lambda *_: None) as stack:
         yield stack
-    finally:
-        stack.stop()

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from kvsync.testing import metric_value, wait_replicated
-from loadtest.chaos import wait_all_healthy
+from loadtest.chaos import running_stack, wait_all_healthy
 from unbroken.launcher import Stack, StackConfig
 
 
@@ -31,13 +31,8 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "gateway": {"port": 0},
         "run": {"stop_timeout_s": 10},
     })
-    s = Stack(config, run_dir=tmp_path_factory.mktemp("e2e-stack"), progress=lambda *_: None)
-    try:
-        s.start()
-        assert wait_all_healthy(s, 60), "the stack did not become healthy"
+    with running_stack(config, tmp_path_factory.mktemp("e2e-stack"), progress=lambda *_: None) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
