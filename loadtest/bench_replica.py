@@ -11,13 +11,17 @@
 - transformers' own continuous batching (the manager behind ``model.generate_batch``), with
   the same arrivals.
 
-Usage: ``python -m loadtest.bench_replica [--requests 32] [--model DIR] [--skip-sequential]``
+The limit and the engine run ``--rounds`` times each, alternating, and the table shows each one's
+median: on a shared machine a single run of either swings by a quarter.
+
+Usage: ``python -m loadtest.bench_replica [--requests 32] [--rounds 5] [--model DIR] [--skip-sequential]``
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -149,9 +153,14 @@ def run_generate_batch(loaded: LoadedModel, work: list[Work]) -> tuple[float, in
         manager.stop(block=True)
 
 
+def _median(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    return statistics.median(secs for secs, _ in runs), runs[0][1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating runs of the limit and the engine")
     parser.add_argument("--model", default="", help="checkpoint dir (default: write the tiny model)")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
     parser.add_argument("--skip-sequential", action="store_true")
@@ -178,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     run_engine(loaded, cfg, warm)
     run_limit(loaded, warm)
 
+    limit_runs, engine_runs = [], []
+    for _ in range(args.rounds):
+        limit_runs.append(run_limit(loaded, work))
+        engine_runs.append(run_engine(loaded, cfg, work))
     results: dict[str, tuple[float, int]] = {}
-    results["limit (batched forward loop)"] = run_limit(loaded, work)
-    results["engine (continuous batching)"] = run_engine(loaded, cfg, work)
+    results["limit (batched forward loop)"] = _median(limit_runs)
+    results["engine (continuous batching)"] = _median(engine_runs)
     if not args.skip_sequential:
         results["sequential generate()"] = run_sequential(loaded, work)
     if not args.skip_generate_batch:
@@ -189,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     num_tokens = sum(w.num_output_tokens for w in work)
     print(f"{args.requests} requests, {sum(len(w.prompt) for w in work)} prompt tokens, {num_tokens} output "
           f"tokens, arriving over 0.5 s; {loaded.quantization} on {loaded.device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; limit and engine: median of {args.rounds} alternating runs")
+    print("engine / limit per round: " + ", ".join(
+        f"{lim[0] / eng[0]:.2f}" for lim, eng in zip(limit_runs, engine_runs)))
     engine_rate = results["engine (continuous batching)"][1] / results["engine (continuous batching)"][0]
     print(f"| method | seconds | tokens | tokens/s | engine / method |")
     print(f"|---|---:|---:|---:|---:|")

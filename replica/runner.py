@@ -5,6 +5,10 @@ head_dim]``); each step feeds one token per row with explicit position ids and a
 mask that hides the padding. A newcomer is prefilled on its own cache (in chunks when the
 scheduler says so, starting from a kept session's KV when it reuses one) and then merged into
 the batch. Finished rows leave the batch; a finished session's KV is kept, unpadded, per session.
+
+Between membership changes the batch's KV lives in buffers with spare columns, and each decode
+step writes its new column in place (:class:`_AppendLayer`): transformers' own cache concatenates
+the whole cache at every step, which on a CPU costs more than the rest of the forward together.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from replica.loader import BASE_ADAPTER, LoadedModel
 from replica.sampling import sample_tokens
 from replica.scheduler import PrefillChunk, SchedulerOutput, Sequence
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]  # per-layer keys, values
+
+SPARE_COLUMNS = 32  # columns a decode buffer grows by when it runs out: one copy per 32 steps
 
 
 @dataclass
@@ -42,6 +49,27 @@ def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
     return cache
 
 
+class _AppendLayer(DynamicLayer):
+    """A cache layer whose keys/values are views of a larger buffer: ``update`` writes the new
+    columns into the buffer's spare room and widens the views, copying nothing."""
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, width: int) -> None:
+        super().__init__()
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :width], value_buffer[:, :, :width]
+        self.device = key_buffer.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.keys.shape[2]
+        end = width + key_states.shape[2]
+        self.key_buffer[:, :, width:end] = key_states
+        self.value_buffer[:, :, width:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
 def _cache_tensors(cache: DynamicCache) -> KV:
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
@@ -60,6 +88,8 @@ class ModelRunner:
         self.row_lens: list[int] = []  # real (unpadded) tokens per row
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        # While set, self.keys/values are views of the first columns of these buffers.
+        self._buffers: KV | None = None
         # Sequences part-way through a chunked prefill: request id -> (keys, values) batch-1 tensors.
         self.prefilling: dict[str, KV] = {}
         self.sessions: dict[str, SessionKV] = {}
@@ -123,12 +153,28 @@ class ModelRunner:
         mask = torch.zeros((num_rows, width + 1), dtype=torch.long)
         for i, n in enumerate(self.row_lens):
             mask[i, width - n:] = 1
-        cache = _cache_from(self.keys, self.values)
+        cache = self._decode_cache(width)
         logits = self._forward(input_ids, positions, cache, mask, [s.request.adapter for s in self.rows])
         self.keys, self.values = _cache_tensors(cache)
         self.row_lens = [n + 1 for n in self.row_lens]
         tokens = self._sample(logits, self.rows)
         return {s.request_id: t for s, t in zip(self.rows, tokens)}
+
+    def _decode_cache(self, width: int) -> DynamicCache:
+        """The batch's KV as a cache that appends in place, moved into new buffers with spare
+        columns when it has none left (or was replaced by a join or a leave)."""
+        buffers = self._buffers
+        if buffers is None or buffers[0][0].shape[2] <= width \
+                or buffers[0][0].data_ptr() != self.keys[0].data_ptr():
+            def grown(t: torch.Tensor) -> torch.Tensor:
+                b = t.new_empty(t.shape[0], t.shape[1], width + SPARE_COLUMNS, t.shape[3])
+                b[:, :, :width] = t
+                return b
+            buffers = [grown(k) for k in self.keys], [grown(v) for v in self.values]
+            self._buffers = buffers
+        cache = DynamicCache()
+        cache.layers = [_AppendLayer(kb, vb, width) for kb, vb in zip(*buffers)]
+        return cache
 
     def _prefill(self, chunk: PrefillChunk) -> int | None:
         seq = chunk.seq
@@ -175,6 +221,7 @@ class ModelRunner:
     def _join_batch(self, seqs: list[Sequence], keys: list[torch.Tensor], values: list[torch.Tensor],
                     lengths: list[int]) -> None:
         """Add rows (already left-padded to their own common width) to the decode batch."""
+        self._buffers = None
         if not self.rows:
             self.keys, self.values = keys, values
         else:
@@ -201,6 +248,7 @@ class ModelRunner:
         row_values = [v[index, :, width - n:] for v in self.values]
         del self.rows[index]
         del self.row_lens[index]
+        self._buffers = None
         if not self.rows:
             self.keys, self.values = [], []
         else:

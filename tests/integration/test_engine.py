@@ -43,11 +43,13 @@ def _ids(loaded, text: str) -> list[int]:
     return loaded.tokenizer(text)["input_ids"]
 
 
-def _reference(loaded, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """What the model's own generate() gives, stopping at the same EOS set as the engine."""
+def _reference(loaded, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """What the model's own generate() gives, stopping at the same EOS set as the engine (or, as
+    ``ignore_eos`` does, at no token at all)."""
     with torch.inference_mode():
         out = loaded.model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+            **({"eos_token_id": -1, "pad_token_id": 0} if ignore_eos else {}),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )
     return out[0, len(prompt):].tolist()
@@ -100,6 +102,22 @@ def test_greedy_equals_generate_under_continuous_batching(loaded, tiny_model_dir
         assert len(set(first_step.values())) > 1
     assert len(set(last_step.values())) > 1
     assert engine.scheduler.num_used_tokens == 0 and not engine.runner.rows
+
+
+def test_long_decodes_grow_the_in_place_cache_and_stay_exact(loaded, tiny_model_dir):
+    """Rows that decode together for longer than the cache's spare columns: the new columns are
+    written in place, the buffer moves when full, and a row that leaves midway changes nothing."""
+    from replica.runner import SPARE_COLUMNS
+
+    engine = _engine(loaded, tiny_model_dir)
+    lengths = [2 * SPARE_COLUMNS + 7, SPARE_COLUMNS + 3, 3 * SPARE_COLUMNS]
+    requests = [GenerationRequest(f"l{i}", _ids(loaded, PROMPTS[i]), _greedy(n, ignore_eos=True))
+                for i, n in enumerate(lengths)]
+    tokens, _, _ = _run(engine, requests, arrive_every_steps=0)
+    for req, n in zip(requests, lengths):
+        assert len(tokens[req.request_id]) == n
+        assert tokens[req.request_id] == _reference(loaded, req.prompt_token_ids, n, ignore_eos=True), \
+            req.request_id
 
 
 def test_chunked_prefill_does_not_stall_running_decodes(loaded, tiny_model_dir):
