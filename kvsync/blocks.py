@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -118,25 +118,34 @@ def chain_keys(identity: KVIdentity, token_ids: Sequence[int], block_tokens: int
     return out
 
 
-def assemble(manifest: Manifest, stored: Sequence[bytes | None]) -> KVSnapshot:
-    """A full snapshot (``start = 0``) from a manifest and its blocks' stored bytes.
+def assemble(manifest: Manifest, stored: Iterable[bytes | bytearray | None],
+             out: torch.Tensor | None = None) -> KVSnapshot:
+    """A full snapshot (``start = 0``) from a manifest and its blocks' stored bytes, which may be
+    an iterator that yields each block as it arrives from Redis.
 
     Checks every block's presence, length, checksum, chain key, decompressed size (dtype x
-    shape); raises :class:`BadData` with the first problem found.
+    shape); raises :class:`BadData` with the first problem found. The tensors are written into
+    ``out`` (``[layers, 2, kv_heads, tokens, head_dim]``, for example over a shared-memory file)
+    when given, else into a new tensor; the snapshot's keys and values are views of it.
     """
     ident = manifest.identity
     if manifest.dtype != ident.dtype or manifest.dtype not in DTYPES:
         raise BadData("dtype", f"manifest dtype {manifest.dtype!r} differs from its identity's {ident.dtype!r}")
     dtype = DTYPES[manifest.dtype]
-    if len(stored) != len(manifest.blocks):
-        raise BadData("missing_block", "block count differs from the manifest")
     expected_keys = chain_keys(ident, manifest.token_ids, manifest.block_tokens)
     L, H, D = ident.num_layers, ident.num_kv_heads, ident.head_dim
     n = len(manifest.token_ids)
-    out = torch.empty((L, 2, H, n, D), dtype=dtype)
+    if out is None:
+        out = torch.empty((L, 2, H, n, D), dtype=dtype)
+    elif tuple(out.shape) != (L, 2, H, n, D) or out.dtype != dtype:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the manifest needs {(L, 2, H, n, D)} {dtype}")
     itemsize = out.element_size()
+    blocks = iter(stored)
     lo = 0
-    for i, (ref, data) in enumerate(zip(manifest.blocks, stored)):
+    for i, ref in enumerate(manifest.blocks):
+        data = next(blocks, _END)
+        if data is _END:
+            raise BadData("missing_block", "fewer blocks than the manifest names")
         if ref.key != expected_keys[i]:
             raise BadData("chain", f"block {i} key does not match the session's token ids")
         if data is None:
@@ -152,9 +161,15 @@ def assemble(manifest: Manifest, stored: Sequence[bytes | None]) -> KVSnapshot:
                                    f"{manifest.dtype} needs {want}")
         out[:, :, :, lo:lo + ref.num_tokens, :] = tensor_from_bytes(raw, dtype, (L, 2, H, ref.num_tokens, D))
         lo += ref.num_tokens
+        del data, raw
+    if next(blocks, _END) is not _END:
+        raise BadData("missing_block", "more blocks than the manifest names")
     return KVSnapshot(session_id=manifest.session_id, identity=ident, token_ids=list(manifest.token_ids),
                       keys=[out[i, 0] for i in range(L)], values=[out[i, 1] for i in range(L)],
                       start=0, transcript=manifest.transcript)
+
+
+_END = object()
 
 
 def snapshot_dtype(snapshot: KVSnapshot) -> str:

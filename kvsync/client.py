@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from kvsync.handoff import open_handoff
 from kvsync.protocol import (
     CONTENT_TYPE_SNAPSHOT,
     OUTCOME_HEADER,
@@ -53,7 +54,7 @@ class KVSyncClient:
     """One per replica process. ``start()`` before publishing, ``close()`` at shutdown."""
 
     def __init__(self, sidecar_url: str, *, block_tokens: int = 64, max_pending: int = 4,
-                 post_timeout_s: float = 30.0) -> None:
+                 post_timeout_s: float = 30.0, shared_memory: bool = True) -> None:
         self.sidecar_url = sidecar_url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.sidecar_url)
         if parsed.scheme != "http" or not parsed.hostname:
@@ -62,6 +63,8 @@ class KVSyncClient:
         self._port = parsed.port or 80
         self.block_tokens = block_tokens
         self.post_timeout_s = post_timeout_s
+        # Restored snapshots come through a shared-memory file while that works (same host).
+        self.shared_memory = shared_memory
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._needs_full: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -219,29 +222,19 @@ class KVSyncClient:
     # -- restore (the replica's event loop) ----------------------------------------------------------------
     async def fetch(self, session_id: str, identity: KVIdentity, timeout_s: float) -> FetchResult:
         """The newest complete snapshot of ``session_id`` whose identity is ``identity`` (full KV
-        from token 0) and the transcript; never raises, the outcome says what happened."""
-        path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/fetch"
+        from token 0) and the transcript; never raises, the outcome says what happened.
+
+        The snapshot comes through a shared-memory file when the sidecar offers one; if this
+        process cannot open it (another host or container), shared memory is switched off and the
+        same fetch is made again over HTTP."""
         try:
             async with asyncio.timeout(timeout_s):
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http_session:
-                    async with http_session.post(self.sidecar_url + path,
-                                                 data=FetchRequest(identity).to_json(),
-                                                 headers={"Content-Type": "application/json"}) as resp:
-                        outcome = resp.headers.get(OUTCOME_HEADER, "")
-                        if resp.status == 200 and outcome == "restored":
-                            data = await _read_into_bytearray(resp)
-                            snapshot = await asyncio.to_thread(decode_snapshot, data)
-                            if snapshot.session_id != session_id or snapshot.identity != identity:
-                                return FetchResult(None, "mismatch", snapshot.transcript)
-                            if snapshot.start != 0:
-                                return FetchResult(None, "corrupt", snapshot.transcript)
-                            return FetchResult(snapshot, "restored", snapshot.transcript)
-                        body = await resp.read()
-                        if resp.status != 200:
-                            log.info("kvsync client: fetch answered %s: %s", resp.status, body[:200])
-                            return FetchResult(None, "error")
-                        reply = FetchReply.from_dict(orjson.loads(body))
-                        return FetchResult(None, reply.outcome, reply.transcript)
+                    result = await self._fetch(http_session, session_id, identity, self.shared_memory)
+                    if result is None:
+                        result = await self._fetch(http_session, session_id, identity, False)
+                    assert result is not None
+                    return result
         except TimeoutError:
             return FetchResult(None, "timeout")
         except ValueError as e:  # a corrupt snapshot or reply
@@ -250,6 +243,41 @@ class KVSyncClient:
         except (aiohttp.ClientError, OSError) as e:
             log.info("kvsync client: fetch of %s failed: %s", session_id, e)
             return FetchResult(None, "error")
+
+    async def _fetch(self, http_session: aiohttp.ClientSession, session_id: str, identity: KVIdentity,
+                     shared_memory: bool) -> FetchResult | None:
+        """One fetch; None when the sidecar named a hand-off file this process cannot open."""
+        path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/fetch"
+        ask = FetchRequest(identity, handoff="shm" if shared_memory else "http")
+        async with http_session.post(self.sidecar_url + path, data=ask.to_json(),
+                                     headers={"Content-Type": "application/json"}) as resp:
+            outcome = resp.headers.get(OUTCOME_HEADER, "")
+            if resp.status == 200 and outcome == "restored" and resp.content_type == CONTENT_TYPE_SNAPSHOT:
+                data = await _read_into_bytearray(resp)
+                snapshot = await asyncio.to_thread(decode_snapshot, data)
+            else:
+                body = await resp.read()
+                if resp.status != 200:
+                    log.info("kvsync client: fetch answered %s: %s", resp.status, body[:200])
+                    return FetchResult(None, "error")
+                reply = FetchReply.from_dict(orjson.loads(body))
+                if reply.outcome != "restored":
+                    return FetchResult(None, reply.outcome, reply.transcript)
+                if reply.handoff_path is None:
+                    raise ValueError("the sidecar answered restored with neither a snapshot nor a hand-off file")
+                try:
+                    mapped = open_handoff(reply.handoff_path, reply.handoff_bytes)
+                except OSError as e:
+                    log.warning("kvsync client: cannot open the sidecar's hand-off file (%s); restores go over "
+                                "HTTP from now on", e)
+                    self.shared_memory = False
+                    return None
+                snapshot = await asyncio.to_thread(decode_snapshot, mapped, False)
+        if snapshot.session_id != session_id or snapshot.identity != identity:
+            return FetchResult(None, "mismatch", snapshot.transcript)
+        if snapshot.start != 0:
+            return FetchResult(None, "corrupt", snapshot.transcript)
+        return FetchResult(snapshot, "restored", snapshot.transcript)
 
 
 async def _read_into_bytearray(resp: aiohttp.ClientResponse) -> bytearray:

@@ -14,6 +14,9 @@ class ServerSection(Section):
     port: int = Field(8201, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
     max_body_bytes: int = Field(
         4 * 1024 * 1024 * 1024, gt=0, description="Largest snapshot a replica may post, in bytes.")
+    handoff_dir: str = Field(
+        "/dev/shm", description="A tmpfs where a restored snapshot is handed to a replica on this host "
+                                "as a shared-memory file instead of an HTTP body (empty = always HTTP).")
 
 
 class RedisSection(Section):

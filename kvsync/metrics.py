@@ -53,6 +53,10 @@ class KVSyncMetrics:
             PREFIX + "restores_total",
             "Restore requests by outcome: restored, missing, mismatch, corrupt, timeout, error.",
             ["outcome"], registry=r)
+        self.restore_handoffs = Counter(
+            PREFIX + "restore_handoffs_total",
+            "Restored snapshots by how they reached the replica: shm (a shared-memory file) or http.",
+            ["via"], registry=r)
         self.restored_tokens = Counter(
             PREFIX + "restored_tokens_total", "Tokens of KV handed back to the replica.", registry=r)
         self.restore_seconds = Histogram(

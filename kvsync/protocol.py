@@ -15,12 +15,16 @@ Wire form of a snapshot (all integers little-endian)::
 
 The header holds the session id, identity, token ids, ``start``, transcript, the tensors'
 dtype and dimensions, and the payload's length and CRC-32. The payload is, for each layer in
-order, K then V, each ``[num_kv_heads, len(token_ids) - start, head_dim]`` contiguous.
+order, K then V, each ``[num_kv_heads, len(token_ids) - start, head_dim]`` contiguous. The header
+is padded with spaces so that the payload starts at a multiple of 64 bytes. A snapshot handed
+over in a shared-memory file (a restore on the same host) has the same form, with a null CRC: the
+sidecar checked every block it was assembled from, and nothing crossed a wire since.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 import warnings
 import zlib
@@ -37,6 +41,7 @@ WIRE_VERSION = 1
 MANIFEST_VERSION = 1
 _PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+PAYLOAD_ALIGN = 64
 
 # dtype names as they appear in KVIdentity.dtype and the wire header.
 DTYPES: dict[str, torch.dtype] = {
@@ -103,28 +108,39 @@ def encode_snapshot_parts(snapshot: KVSnapshot) -> list[bytes | memoryview]:
             mv = tensor_bytes(t)
             crc = zlib.crc32(mv, crc)
             parts.append(mv)
-    payload_bytes = sum(len(p) for p in parts)
+    head = snapshot_head(snapshot, dtype_name(first.dtype), (num_layers, heads, head_dim),
+                         sum(len(p) for p in parts), crc)
+    return [head, *parts]
+
+
+def snapshot_head(snapshot: KVSnapshot, dtype: str, dims: tuple[int, int, int], payload_bytes: int,
+                  payload_crc32: int | None) -> bytes:
+    """Prefix and header of a snapshot's wire form, for tensors of ``dims`` = (layers, kv_heads,
+    head_dim) (``snapshot.keys`` is not read), padded so that the payload is 64-byte aligned."""
+    num_layers, heads, head_dim = dims
     header = orjson.dumps({
         "session_id": snapshot.session_id,
         "identity": snapshot.identity.to_dict(),
         "token_ids": list(snapshot.token_ids),
         "start": snapshot.start,
         "transcript": snapshot.transcript,
-        "dtype": dtype_name(first.dtype),
+        "dtype": dtype,
         "num_layers": num_layers,
         "num_kv_heads": heads,
-        "num_tokens": num_tokens,
+        "num_tokens": len(snapshot.token_ids) - snapshot.start,
         "head_dim": head_dim,
         "payload_bytes": payload_bytes,
-        "payload_crc32": crc,
+        "payload_crc32": payload_crc32,
     })
-    return [_PREFIX.pack(MAGIC, WIRE_VERSION, len(header)) + header, *parts]
+    header += b" " * (-(_PREFIX.size + len(header)) % PAYLOAD_ALIGN)
+    return _PREFIX.pack(MAGIC, WIRE_VERSION, len(header)) + header
 
 
-def decode_snapshot(data: bytes | bytearray | memoryview) -> KVSnapshot:
+def decode_snapshot(data: bytes | bytearray | memoryview | mmap.mmap, require_checksum: bool = True) -> KVSnapshot:
     """Parse the wire form. Raises ``ValueError`` on anything truncated, corrupt or inconsistent.
 
     The tensors are views over ``data`` (no copy); pass a ``bytearray`` when they will be written.
+    ``require_checksum=False`` accepts a snapshot without a payload CRC (a local hand-off).
     """
     mv = memoryview(data).cast("B")
     if len(mv) < _PREFIX.size:
@@ -144,7 +160,8 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> KVSnapshot:
         dtype = DTYPES[str(h["dtype"])]
         num_layers, heads = int(h["num_layers"]), int(h["num_kv_heads"])
         num_tokens, head_dim = int(h["num_tokens"]), int(h["head_dim"])
-        payload_bytes, payload_crc = int(h["payload_bytes"]), int(h["payload_crc32"])
+        payload_bytes = int(h["payload_bytes"])
+        payload_crc = None if h["payload_crc32"] is None else int(h["payload_crc32"])
         session_id = str(h["session_id"])
         transcript = h.get("transcript")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -164,7 +181,10 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> KVSnapshot:
     body = mv[_PREFIX.size + header_len:]
     if len(body) != payload_bytes:
         raise ValueError(f"snapshot payload is {len(body)} bytes, header says {payload_bytes} (truncated?)")
-    if zlib.crc32(body) != payload_crc:
+    if payload_crc is None:
+        if require_checksum:
+            raise ValueError("snapshot payload has no checksum")
+    elif zlib.crc32(body) != payload_crc:
         raise ValueError("snapshot payload checksum mismatch")
     shape = (heads, num_tokens, head_dim)
     keys: list[torch.Tensor] = []
@@ -316,37 +336,60 @@ class PublishReply:
                    num_new_blocks=int(d.get("num_new_blocks", 0)))
 
 
+HANDOFFS = ("http", "shm")
+
+
 @dataclass
 class FetchRequest:
-    """Ask for a session's newest snapshot whose identity is ``identity``."""
+    """Ask for a session's newest snapshot whose identity is ``identity``.
+
+    ``handoff``: ``http`` (the snapshot comes back as the response body) or ``shm`` (the replica
+    runs on the sidecar's host and can open a shared-memory file: the sidecar may answer with a
+    :class:`FetchReply` naming one instead; it falls back to the body when it cannot make one).
+    """
 
     identity: KVIdentity
+    handoff: str = "http"
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"identity": self.identity.to_dict()})
+        return orjson.dumps({"identity": self.identity.to_dict(), "handoff": self.handoff})
 
     @classmethod
     def from_json(cls, data: bytes) -> "FetchRequest":
         try:
-            return cls(identity=KVIdentity.from_dict(orjson.loads(data)["identity"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            d = orjson.loads(data)
+            handoff = str(d.get("handoff", "http"))
+            if handoff not in HANDOFFS:
+                raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
+            return cls(identity=KVIdentity.from_dict(d["identity"]), handoff=handoff)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"fetch request is invalid: {e!r}") from None
 
 
 @dataclass
 class FetchReply:
-    """Why there is no snapshot to restore (``outcome`` other than ``restored``)."""
+    """Why there is no snapshot to restore (``outcome`` other than ``restored``), or, for a
+    ``restored`` snapshot handed over in shared memory, the file that holds it in wire form
+    (``handoff_path``, ``handoff_bytes`` long; the replica maps it and unlinks it)."""
 
     outcome: str
     message: str = ""
     transcript: list[dict[str, Any]] | None = field(default=None)
+    handoff_path: str | None = None
+    handoff_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "message": self.message, "transcript": self.transcript}
+        d: dict[str, Any] = {"outcome": self.outcome, "message": self.message, "transcript": self.transcript}
+        if self.handoff_path is not None:
+            d.update(handoff_path=self.handoff_path, handoff_bytes=self.handoff_bytes)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FetchReply":
         outcome = str(d.get("outcome", "error"))
         transcript = d.get("transcript")
+        path = d.get("handoff_path")
         return cls(outcome=outcome if outcome in OUTCOMES else "error", message=str(d.get("message", "")),
-                   transcript=transcript if isinstance(transcript, list) else None)
+                   transcript=transcript if isinstance(transcript, list) else None,
+                   handoff_path=path if isinstance(path, str) else None,
+                   handoff_bytes=int(d.get("handoff_bytes", 0) or 0))

@@ -6,8 +6,10 @@ Routes:
   need_full, 503 busy, 400 invalid; JSON :class:`~kvsync.protocol.PublishReply`. Answers as soon
   as the snapshot is cut into blocks; Redis is written later by the writer task.
 - ``POST /v1/sessions/{id}/fetch``: body = :class:`~kvsync.protocol.FetchRequest`. 200 with the
-  full snapshot in wire form and ``X-KVSync-Outcome: restored``, or 200 with a
-  :class:`~kvsync.protocol.FetchReply` (JSON) saying why not.
+  full snapshot in wire form and ``X-KVSync-Outcome: restored``; or, when the request asked for
+  ``handoff: shm`` and ``server.handoff_dir`` is usable, 200 with a
+  :class:`~kvsync.protocol.FetchReply` (JSON, ``restored``) naming the shared-memory file that holds
+  it; or 200 with a :class:`~kvsync.protocol.FetchReply` saying why there is none.
 - ``DELETE /v1/sessions/{id}``: forget a session in Redis.
 - ``GET /health`` (200 while serving, whether or not Redis is up), ``GET /v1/state``, ``GET /metrics``.
 """
@@ -15,11 +17,13 @@ Routes:
 from __future__ import annotations
 
 import logging
+import os
 from typing import AsyncIterator
 
 from aiohttp import web
 
 from kvsync.config import KVSyncConfig
+from kvsync.handoff import sweep, usable_dir
 from kvsync.metrics import KVSyncMetrics
 from kvsync.protocol import (
     CONTENT_TYPE_SNAPSHOT,
@@ -40,6 +44,7 @@ CONFIG = web.AppKey("config", KVSyncConfig)
 METRICS = web.AppKey("metrics", KVSyncMetrics)
 STORE = web.AppKey("store", KVStore)
 WRITER = web.AppKey("writer", ReplicationWriter)
+HANDOFF_DIR = web.AppKey("handoff_dir", str)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 _PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "invalid": 400}
@@ -49,6 +54,9 @@ def create_app(config: KVSyncConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = KVSyncMetrics()
+    app[HANDOFF_DIR] = usable_dir(config.server.handoff_dir) or ""
+    if app[HANDOFF_DIR]:
+        sweep(app[HANDOFF_DIR])
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/sessions/{session_id}/snapshots", publish)
     app.router.add_post("/v1/sessions/{session_id}/fetch", fetch)
@@ -75,6 +83,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     yield
     await writer.stop()
     await store.close()
+    if app[HANDOFF_DIR]:
+        sweep(app[HANDOFF_DIR], older_than_s=-1.0, owner_pid=os.getpid())
 
 
 async def publish(request: web.Request) -> web.Response:
@@ -92,11 +102,15 @@ async def fetch(request: web.Request) -> web.StreamResponse:
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     config = request.app[CONFIG]
+    handoff_dir = request.app[HANDOFF_DIR] if ask.handoff == "shm" else ""
     result = await restore_session(request.app[STORE], request.app[METRICS], session_id,
-                                   ask.identity, config.writer.fetch_timeout_s)
+                                   ask.identity, config.writer.fetch_timeout_s, handoff_dir or None)
+    if result.outcome == "restored" and result.manifest is not None:
+        request.app[WRITER].remember(result.manifest)
+    if result.outcome == "restored" and result.handoff_path is not None:
+        reply = FetchReply("restored", handoff_path=result.handoff_path, handoff_bytes=result.handoff_bytes)
+        return json_response(reply.to_dict(), headers={OUTCOME_HEADER: "restored"})
     if result.outcome == "restored" and result.wire is not None:
-        if result.manifest is not None:
-            request.app[WRITER].remember(result.manifest)
         return await _send_chunked(request, result.wire)
     reply = FetchReply(result.outcome, result.message, result.transcript)
     return json_response(reply.to_dict(), headers={OUTCOME_HEADER: result.outcome})
@@ -148,7 +162,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def state(request: web.Request) -> web.Response:
-    return json_response(request.app[WRITER].state())
+    return json_response({**request.app[WRITER].state(), "handoff_dir": request.app[HANDOFF_DIR]})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -21,11 +21,12 @@ TTL expiry, which the reader detects. The layout assumes one Redis (not Redis Cl
 from __future__ import annotations
 
 import asyncio
+import queue
 import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -239,15 +240,24 @@ class KVStore:
         the event loop does none of it); otherwise MGET in batches."""
         if not block_hashes:
             return []
-        url = urllib.parse.urlsplit(self.cfg.url)
-        if url.scheme == "redis":
-            keys = [self.block_key(h) for h in block_hashes]
-            return await asyncio.to_thread(_get_many, url, keys, self.cfg.connect_timeout_s,
-                                           self.cfg.socket_timeout_s)
+        reader = self.block_reader(block_hashes)
+        if reader is not None:
+            return await asyncio.to_thread(list, reader)
         out: list[bytes | bytearray | None] = []
         for i in range(0, len(block_hashes), batch_size):
             out.extend(await self.redis.mget([self.block_key(h) for h in block_hashes[i:i + batch_size]]))
         return out
+
+    def block_reader(self, block_hashes: Sequence[str],
+                     free: "queue.SimpleQueue[bytearray] | None" = None) -> Iterator[bytearray | None] | None:
+        """A blocking iterator over the blocks' bytes, each yielded as soon as it has arrived (for
+        a worker thread that checks one block while the next is read), or None where the URL is not
+        plain ``redis://`` (use :meth:`read_blocks`). Buffers put on ``free`` are read into again."""
+        url = urllib.parse.urlsplit(self.cfg.url)
+        if url.scheme != "redis":
+            return None
+        return _iter_get(url, [self.block_key(h) for h in block_hashes], self.cfg.connect_timeout_s,
+                         self.cfg.socket_timeout_s, free)
 
     async def total_bytes(self) -> int:
         return int(await self.redis.get(f"{self.prefix}:total") or 0)
@@ -256,9 +266,13 @@ class KVStore:
         return bool(await self.redis.ping())
 
 
-def _get_many(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeout_s: float,
-              socket_timeout_s: float) -> list[bytearray | None]:
-    """Pipelined GETs on a blocking socket; each value is read into its own buffer, no copies."""
+def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeout_s: float,
+              socket_timeout_s: float, free: "queue.SimpleQueue[bytearray] | None" = None,
+              ) -> Iterator[bytearray | None]:
+    """Pipelined GETs on a blocking socket; each value is read into a buffer (no copies) and
+    yielded as it arrives. A buffer of the right size on ``free`` is used again instead of a new
+    one: a restore then touches a few blocks' worth of fresh memory, not the whole session's.
+    Closing the iterator early closes the connection."""
 
     def command(*args: str | bytes) -> bytes:
         parts = [f"*{len(args)}\r\n".encode()]
@@ -281,7 +295,6 @@ def _get_many(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeou
                 line = f.readline()
                 if not line.startswith(b"+"):
                     raise RedisError(f"Redis refused the connection set-up: {line!r}")
-            out: list[bytearray | None] = []
             for _ in keys:
                 line = f.readline()
                 if not line.endswith(b"\r\n"):
@@ -292,13 +305,23 @@ def _get_many(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeou
                     raise RedisError(f"unexpected Redis reply {line[:40]!r}")
                 n = int(line[1:-2])
                 if n < 0:
-                    out.append(None)
+                    yield None
                     continue
-                buf = bytearray(n)
+                buf = _reuse(free, n)
                 if f.readinto(memoryview(buf)) != n or f.read(2) != b"\r\n":
                     raise ConnectionError("Redis closed the connection mid-value")
-                out.append(buf)
-            return out
+                yield buf
+
+
+def _reuse(free: "queue.SimpleQueue[bytearray] | None", n: int) -> bytearray:
+    while free is not None:
+        try:
+            buf = free.get_nowait()
+        except queue.Empty:
+            break
+        if len(buf) == n:
+            return buf
+    return bytearray(n)
 
 
 def _s(x: bytes | str) -> str:

@@ -68,7 +68,8 @@ def make_kvsync_client(config: ReplicaConfig) -> Any:
     except ImportError as e:
         log.warning("kvsync.enabled but kvsync.client cannot be imported (%s); serving without kvsync", e)
         return None
-    client = KVSyncClient(config.kvsync.sidecar_url, block_tokens=config.kvsync.block_tokens)
+    client = KVSyncClient(config.kvsync.sidecar_url, block_tokens=config.kvsync.block_tokens,
+                          shared_memory=config.kvsync.shared_memory)
     sidecar_blocks = client.sidecar_block_tokens()
     if sidecar_blocks is not None and sidecar_blocks != config.kvsync.block_tokens:
         # The sidecar owns the Redis layout; with another block size every incremental snapshot

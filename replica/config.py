@@ -51,6 +51,9 @@ class KVSyncSection(Section):
     snapshot_every_tokens: int = Field(64, ge=0, description="During a generation, snapshot every N tokens (0 = only after each turn).")
     block_tokens: int = Field(64, gt=0, description="Tokens per KV block (must equal the sidecar's).")
     fetch_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a restore before re-prefill.")
+    shared_memory: bool = Field(
+        True, description="Take restored snapshots from the sidecar as a shared-memory file when it "
+                          "offers one (same host); off = always as an HTTP body.")
 
 
 class RegistrySection(Section):

@@ -156,6 +156,78 @@ def test_a_restored_session_continues_incrementally_on_another_sidecar(
         proc_b.stop()
 
 
+def _handoff_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("unbroken-kvsync-*"))
+
+
+@pytest.fixture
+def handoff_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "handoff"
+    path.mkdir()
+    return path
+
+
+def test_a_restore_is_handed_over_in_shared_memory_or_over_http(
+        redis_url: str, tmp_path: Path, handoff_dir: Path) -> None:
+    """The replica asks for shared memory: it gets a file it maps and removes; a client that does
+    not ask, or a sidecar without a usable directory, gets the snapshot as the HTTP body; all equal."""
+    proc, url = start_sidecar(redis_url, log_path=tmp_path / "kvsync.log",
+                              settings={"store.block_tokens": B, "server.handoff_dir": str(handoff_dir)})
+    shm, http = KVSyncClient(url, block_tokens=B), KVSyncClient(url, block_tokens=B, shared_memory=False)
+    shm.start()
+    try:
+        keys, values = synthetic_kv(IDENT, 29, seed=3)
+        assert shm.publish(snapshot_of("s1", IDENT, list(range(29)), keys, values, transcript=TRANSCRIPT))
+        wait_replicated(url, client=shm)
+        for client, via in ((shm, "shm"), (http, "http")):
+            before = metric_value(url, "unbroken_kvsync_restore_handoffs_total", {"via": via})
+            res = _fetch(client, "s1")
+            assert res.outcome == "restored" and res.transcript == TRANSCRIPT, via
+            _assert_kv_equal(res.snapshot, keys, values, 29)
+            assert metric_value(url, "unbroken_kvsync_restore_handoffs_total", {"via": via}) == before + 1
+            assert _handoff_files(handoff_dir) == [], "the replica removes the file it took"
+        assert shm.shared_memory
+    finally:
+        shm.close()
+        proc.stop()
+    # No usable directory: asked for shared memory, the sidecar answers with the body.
+    proc, url = start_sidecar(redis_url, log_path=tmp_path / "kvsync2.log",
+                              settings={"store.block_tokens": B, "server.handoff_dir": str(tmp_path / "absent")})
+    try:
+        res = _fetch(KVSyncClient(url, block_tokens=B), "s1")
+        assert res.outcome == "restored"
+        _assert_kv_equal(res.snapshot, keys, values, 29)
+        assert metric_value(url, "unbroken_kvsync_restore_handoffs_total", {"via": "http"}) == 1
+    finally:
+        proc.stop()
+
+
+def test_a_replica_that_cannot_open_the_file_falls_back_to_http(
+        client: KVSyncClient, sidecar: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica in another container or host cannot open the sidecar's file: it switches shared
+    memory off and fetches the same snapshot over HTTP, in the same call."""
+    import kvsync.client
+
+    keys, values = synthetic_kv(IDENT, 12, seed=4)
+    assert client.publish(snapshot_of("s1", IDENT, list(range(12)), keys, values))
+    wait_replicated(sidecar, client=client)
+    opened: list[str] = []
+
+    def elsewhere(path: str, size: int):
+        opened.append(path)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(kvsync.client, "open_handoff", elsewhere)
+    res = _fetch(client, "s1")
+    assert res.outcome == "restored" and len(opened) == 1 and not client.shared_memory
+    _assert_kv_equal(res.snapshot, keys, values, 12)
+    res = _fetch(client, "s1")  # and stays on HTTP
+    assert res.outcome == "restored" and len(opened) == 1
+    assert metric_value(sidecar, "unbroken_kvsync_restore_handoffs_total", {"via": "http"}) == 2
+    # The file it could not take stays until the sidecar removes it (a minute later, or when it stops).
+    assert Path(opened[0]).exists()
+
+
 def _keys_with_ttl(r: redis.Redis) -> dict[str, int]:
     return {k.decode(): r.pttl(k) for k in r.scan_iter(match=f"{PREFIX}:*")}
 

@@ -157,3 +157,11 @@ def test_fetch_messages() -> None:
     reply = FetchReply.from_dict({"outcome": "weird", "transcript": "not a list"})
     assert reply.outcome == "error" and reply.transcript is None
     assert FetchReply.from_dict(FetchReply("mismatch", "m", [{"role": "user"}]).to_dict()).transcript == [{"role": "user"}]
+    assert FetchRequest.from_json(FetchRequest(IDENT, handoff="shm").to_json()).handoff == "shm"
+    assert FetchRequest.from_json(orjson.dumps({"identity": IDENT.to_dict()})).handoff == "http"  # older replicas
+    with pytest.raises(ValueError, match="handoff"):
+        FetchRequest.from_json(FetchRequest(IDENT, handoff="carrier-pigeon").to_json())
+    shm = FetchReply.from_dict(FetchReply("restored", handoff_path="/x/unbroken-kvsync-1-a.snap",
+                                          handoff_bytes=640).to_dict())
+    assert (shm.outcome, shm.handoff_path, shm.handoff_bytes) == ("restored", "/x/unbroken-kvsync-1-a.snap", 640)
+    assert "handoff_path" not in FetchReply("missing").to_dict()
