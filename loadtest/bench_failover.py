@@ -155,8 +155,13 @@ async def bench_decode(engine_on: AsyncEngine, engine_off: AsyncEngine, client_o
     on, off = [], []
     published_before = client_on.num_published
     for r in range(repeats):
-        off.append(await one_run(engine_off, f"off{r}"))
-        on.append(await one_run(engine_on, f"on{r}"))
+        # Alternate which mode goes first: a round's first run has been seen to be the slower one.
+        if r % 2:
+            on.append(await one_run(engine_on, f"on{r}"))
+            off.append(await one_run(engine_off, f"off{r}"))
+        else:
+            off.append(await one_run(engine_off, f"off{r}"))
+            on.append(await one_run(engine_on, f"on{r}"))
         print(f"  decode run {r + 1}: replication off {off[-1]:.2f} tok/s, on {on[-1]:.2f} tok/s", flush=True)
     return on, off, client_on.num_published - published_before
 
