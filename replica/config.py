@@ -31,6 +31,10 @@ class ModelSection(Section):
     max_model_len: int = Field(4096, gt=0, description="Longest prompt + completion, in tokens.")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> local directory.")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    cpu_bf16_kernel: bool = Field(
+        False, description="On CPUs with AVX512-BF16, run NF4 layers in bitsandbytes' fused bfloat16 "
+                           "kernel: faster, but its rounding makes greedy tokens depend on what else is "
+                           "in the batch, so exact resume and equality with generate() no longer hold.")
 
 
 class EngineSection(Section):

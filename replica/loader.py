@@ -65,6 +65,21 @@ def checkpoint_revision(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _choose_cpu_nf4_kernel(model: Any, bf16: bool) -> str:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights on first use and computes in
+    bfloat16. Its rounding turns float32 noise (a padded row, another batch shape) into different
+    greedy picks, so unless asked for, every layer keeps the dequantize + float32 matmul path.
+    Returns the revision suffix that keeps KV made by one kernel from being imported by the other."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    if not any(m.support_avx512bf16_for_cpu for m in layers):
+        return ""  # this CPU (or this bitsandbytes) has no fused path: nothing to choose
+    if bf16:
+        return "-bf16kernel"
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return ""
+
+
 def load_model(cfg: ModelSection, progress: Callable[[str], None] = print) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -88,6 +103,9 @@ def load_model(cfg: ModelSection, progress: Callable[[str], None] = print) -> Lo
     model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     if device.type == "cpu" and cfg.quantization == "none":
         model = model.to(device)
+    kernel = ""
+    if device.type == "cpu" and cfg.quantization == "nf4":
+        kernel = _choose_cpu_nf4_kernel(model, cfg.cpu_bf16_kernel)
     model.eval()
     adapter_names: list[str] = []
     if cfg.adapters:
@@ -112,7 +130,7 @@ def load_model(cfg: ModelSection, progress: Callable[[str], None] = print) -> Lo
         device=device,
         dtype=dtype,
         quantization=cfg.quantization,
-        revision=cfg.revision or f"{checkpoint_revision(cfg.path)}-{cfg.quantization}",
+        revision=cfg.revision or f"{checkpoint_revision(cfg.path)}-{cfg.quantization}{kernel}",
         adapter_names=adapter_names,
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,

@@ -59,15 +59,14 @@ def port() -> int:
 
 @pytest.fixture(scope="session")
 def reference(tiny_model_dir: Path):
-    """The model loaded here the same way (NF4 on the CPU, float32 compute), for generate()."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """The model loaded here as the replicas load it (NF4 on the CPU, float32 compute, the float32
+    kernel where bitsandbytes would pick its bfloat16 one), for its own generate()."""
+    from replica.config import ModelSection
+    from replica.loader import load_model
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32))
-    model.eval()
+    loaded = load_model(ModelSection(path=str(tiny_model_dir), quantization="nf4", device="cpu"),
+                        progress=lambda _: None)
+    tok, model = loaded.tokenizer, loaded.model
 
     def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.inference_mode():

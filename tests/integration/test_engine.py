@@ -128,7 +128,7 @@ def test_chunked_prefill_does_not_stall_running_decodes(loaded, tiny_model_dir):
     long = GenerationRequest("long", long_prompt, _greedy(10))
     tokens, _, outputs = _run(engine, [short, long], arrive_every_steps=2)
     assert tokens["long"] == _reference(loaded, long_prompt, 10)
-    assert tokens["short"] == _reference(loaded, short.prompt_token_ids, 40)
+    assert tokens["short"] == _reference(loaded, short.prompt_token_ids, 40, ignore_eos=True)
     # While the long prompt was being prefilled in 16-token chunks, "short" got a token every step.
     long_first = next(s for s, o in outputs if o.request_id == "long")
     short_steps = {s for s, o in outputs if o.request_id == "short"}
@@ -144,7 +144,7 @@ def test_preemption_recomputes_and_stays_exact(loaded, tiny_model_dir):
     tokens, reasons, _ = _run(engine, requests, arrive_every_steps=1)
     assert engine.scheduler.num_preemptions > 0
     for req in requests:
-        assert tokens[req.request_id] == _reference(loaded, req.prompt_token_ids, 30)
+        assert tokens[req.request_id] == _reference(loaded, req.prompt_token_ids, 30, ignore_eos=True)
         assert reasons[req.request_id] is FinishReason.LENGTH
 
 
@@ -164,7 +164,7 @@ def test_cancellation_frees_kv_and_leaves_others_alone(loaded, tiny_model_dir):
     while engine.has_unfinished():
         for out in engine.step():
             got[out.request_id].append(out.token_id)
-    assert got["a"] == _reference(loaded, a.prompt_token_ids, 30)
+    assert got["a"] == _reference(loaded, a.prompt_token_ids, 30, ignore_eos=True)
     assert len(got["b"]) == 5
     assert engine.scheduler.num_used_tokens == 0 and not engine.runner.rows
 
@@ -226,6 +226,22 @@ def test_greedy_resume_matches_uninterrupted(loaded, tiny_model_dir):
     ref = _reference(loaded, prompt, 30)
     resumed, _, _ = _run(engine, [GenerationRequest("r", prompt, _greedy(30), resume_token_ids=ref[:11])])
     assert resumed["r"] == ref[11:]
+
+
+def test_cpu_nf4_layers_keep_the_float32_kernel_unless_asked(loaded, tiny_model_dir):
+    """bitsandbytes' fused bfloat16 kernel (CPUs with AVX512-BF16) makes greedy picks depend on the
+    batch; the replica keeps float32 unless configured, and marks the other kernel's KV identity."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not loaded.revision.endswith("-bf16kernel")
+    if not bnb.functional.has_avx512bf16():
+        return  # this CPU has no fused kernel to opt into
+    fast = load_model(_config(tiny_model_dir).model.model_copy(update={"cpu_bf16_kernel": True}),
+                      progress=lambda _: None)
+    assert fast.revision == loaded.revision + "-bf16kernel"
+    assert all(m.support_avx512bf16_for_cpu for m in fast.model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
 def test_min_tokens_max_tokens_and_validation(loaded, tiny_model_dir):
@@ -310,7 +326,7 @@ def test_async_engine_streams_and_aborts_on_early_exit(loaded, tiny_model_dir):
                 return n
 
             tokens, n = await asyncio.gather(full(), early())
-            assert tokens == _reference(loaded, prompt, 25) and n == 3
+            assert tokens == _reference(loaded, prompt, 25, ignore_eos=True) and n == 3
             for _ in range(100):  # the abort reaches the engine thread
                 if engine.stats().num_running == 0:
                     break
