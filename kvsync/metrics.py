@@ -69,6 +69,10 @@ class KVSyncMetrics:
         self.sessions_evicted = Counter(
             PREFIX + "sessions_evicted_total", "Sessions evicted from Redis by the memory cap (LRU).",
             registry=r)
+        self.sessions_expired = Counter(
+            PREFIX + "sessions_expired_total",
+            "Sessions whose snapshot expired (TTL), dropped from the memory accounting at a later write.",
+            registry=r)
         self.store_bytes = Gauge(
             PREFIX + "store_bytes", "Bytes of kvsync sessions in Redis as of the last commit.", registry=r)
 

@@ -13,7 +13,9 @@ Keys (``P`` = ``redis.key_prefix``, default ``unbroken:kv``)::
 Writing a snapshot is: SET each new block (``PX``), then one Lua script (atomic in Redis) that
 checks that every block the manifest names exists, adjusts reference counts, SETs the manifest,
 and evicts least recently used sessions while ``P:total`` exceeds the cap (a victim's manifest
-goes first, then each of its blocks that no other manifest names). A writer killed between the
+goes first, then each of its blocks that no other manifest names). The same script first drops
+from the index sessions whose manifest expired (TTL), so ``P:total`` counts only live sessions.
+A writer killed between the
 two steps leaves only orphan blocks, which expire; a manifest never names a missing block, short of
 TTL expiry, which the reader detects. The layout assumes one Redis (not Redis Cluster).
 """
@@ -80,7 +82,7 @@ local missing = {}
 for i = first, #ARGV do
   if redis.call('EXISTS', p .. ':block:' .. ARGV[i]) == 0 then table.insert(missing, ARGV[i]) end
 end
-if #missing > 0 then return {0, missing, {}, 0} end
+if #missing > 0 then return {0, missing, {}, 0, {}} end
 local oldset = {}
 local old = redis.call('GET', KEYS[1])
 if old then
@@ -114,6 +116,16 @@ local oldbytes = tonumber(redis.call('HGET', KEYS[3], sid) or '0') or 0
 redis.call('HSET', KEYS[3], sid, ARGV[7])
 redis.call('INCRBY', KEYS[4], tonumber(ARGV[7]) - oldbytes)
 redis.call('ZADD', KEYS[2], ARGV[6], sid)
+-- Sessions unused for longer than the manifest TTL whose manifest is gone: expired, not evicted.
+-- Drop them from the accounting (a few per commit, so the script stays short).
+local expired = {}
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[6]) - ttl), 'LIMIT', 0, 32)
+for _, v in ipairs(stale) do
+  if v ~= sid and redis.call('EXISTS', p .. ':manifest:' .. v) == 0 then
+    evict(p, v, KEYS[2], KEYS[3], KEYS[4])
+    table.insert(expired, v)
+  end
+end
 local evicted = {}
 local cap = tonumber(ARGV[8])
 if cap > 0 then
@@ -128,7 +140,7 @@ if cap > 0 then
   end
 end
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], block_ttl) end
-return {1, {}, evicted, tonumber(redis.call('GET', KEYS[4]) or '0') or 0}
+return {1, {}, evicted, tonumber(redis.call('GET', KEYS[4]) or '0') or 0, expired}
 """
 
 # KEYS: manifest, lru, bytes, total. ARGV: prefix, session.
@@ -143,6 +155,7 @@ class CommitResult:
     committed: bool
     missing: list[str] = field(default_factory=list)  # store ids of blocks that were not in Redis
     evicted: list[str] = field(default_factory=list)  # sessions evicted by the memory cap
+    expired: list[str] = field(default_factory=list)  # sessions whose manifest had expired, now unindexed
     total_bytes: int = 0
 
 
@@ -217,9 +230,10 @@ class KVStore:
                   now_ms if now_ms is not None else int(time.time() * 1000), session_bytes,
                   self.store_cfg.max_memory_bytes, *[b.store_id for b in manifest.blocks]],
         )
-        ok, missing, evicted, total = res
+        ok, missing, evicted, total, expired = res
         return CommitResult(committed=bool(int(ok)), missing=[_s(m) for m in missing],
-                            evicted=[_s(e) for e in evicted], total_bytes=int(total))
+                            evicted=[_s(e) for e in evicted], total_bytes=int(total),
+                            expired=[_s(e) for e in expired])
 
     async def delete_session(self, session_id: str) -> None:
         await self._delete(keys=[self.manifest_key(session_id), *self._index_keys],

@@ -281,9 +281,11 @@ class ReplicationWriter:
         self.metrics.store_bytes.set(result.total_bytes)
         if result.evicted:
             self.metrics.sessions_evicted.inc(len(result.evicted))
-            for victim in result.evicted:
-                self.chains.pop(victim, None)
-                self.committed_tokens.pop(victim, None)
+        if result.expired:
+            self.metrics.sessions_expired.inc(len(result.expired))
+        for gone in result.evicted + result.expired:
+            self.chains.pop(gone, None)
+            self.committed_tokens.pop(gone, None)
         self.committed_tokens[sid] = len(write.manifest.token_ids)
         current = self.pending.get(sid)
         if current is write:

@@ -247,6 +247,25 @@ def test_every_key_has_a_ttl_and_snapshots_expire(client: KVSyncClient, sidecar:
     assert _fetch(client, "s1").outcome == "missing"
 
 
+@pytest.mark.parametrize("sidecar", [{"store.ttl_s": 0.5}], indirect=True)
+def test_expired_sessions_leave_the_memory_accounting(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    keys, values = synthetic_kv(IDENT, 12)
+    assert client.publish(snapshot_of("old", IDENT, list(range(12)), keys, values))
+    wait_replicated(sidecar, client=client)
+    old_bytes = int(r.hget(f"{PREFIX}:bytes", "old"))
+    assert int(r.get(f"{PREFIX}:total")) == old_bytes
+    time.sleep(0.8)  # "old"'s manifest expires; its index entries are still there
+    assert r.get(f"{PREFIX}:manifest:old") is None and r.zscore(f"{PREFIX}:lru", "old") is not None
+    keys, values = synthetic_kv(IDENT, 12, seed=3)
+    assert client.publish(snapshot_of("new", IDENT, list(range(100, 112)), keys, values))
+    wait_replicated(sidecar, client=client)
+    assert r.zscore(f"{PREFIX}:lru", "old") is None and r.hget(f"{PREFIX}:bytes", "old") is None
+    assert int(r.get(f"{PREFIX}:total")) == int(r.hget(f"{PREFIX}:bytes", "new"))
+    assert metric_value(sidecar, "unbroken_kvsync_sessions_expired_total") == 1
+    assert metric_value(sidecar, "unbroken_kvsync_sessions_evicted_total") == 0
+
+
 SESSION_TOKENS = 16  # two blocks; ~2 KB of KV per session with the synthetic identity
 
 
