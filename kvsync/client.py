@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from replica.protocol import KVIdentity, KVSnapshot
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+MAX_TOO_LARGE_SESSIONS = 4096  # sessions remembered as too large to replicate (oldest forgotten first)
 
 
 @dataclass
@@ -67,6 +69,11 @@ class KVSyncClient:
         self.shared_memory = shared_memory
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._needs_full: set[str] = set()
+        # The largest snapshot the sidecar takes (its GET /v1/state), when known.
+        self.max_snapshot_bytes: int | None = None
+        # Sessions whose full snapshot the sidecar cannot keep: sessions only grow, so they are
+        # not exported or sent again (the engine asks :meth:`too_large`).
+        self._too_large: OrderedDict[str, None] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._conn: http.client.HTTPConnection | None = None
         self._conn_reused = False
@@ -75,22 +82,30 @@ class KVSyncClient:
         self.num_dropped = 0  # queue full: never sent
         self.num_refused = 0  # sent, refused (need_full, busy, invalid)
         self.num_failed = 0  # sent, sidecar unreachable or failed
+        self.num_too_large = 0  # sessions found too large to replicate
         self.num_bytes_sent = 0
         self._unsent = 0  # queued or being sent
         self._unsent_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def sidecar_block_tokens(self, timeout_s: float = 2.0) -> int | None:
-        """The block size the sidecar uses (``GET /v1/state``), or None when it cannot be asked now."""
+        """The block size the sidecar uses (``GET /v1/state``), or None when it cannot be asked now.
+        Also learns the largest snapshot it takes, so larger ones are not sent at all."""
         conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
         try:
             conn.request("GET", "/v1/state")
             resp = conn.getresponse()
-            value = orjson.loads(resp.read()).get("block_tokens") if resp.status == 200 else None
-        except (OSError, http.client.HTTPException, orjson.JSONDecodeError, AttributeError):
+            state = orjson.loads(resp.read()) if resp.status == 200 else None
+        except (OSError, http.client.HTTPException, orjson.JSONDecodeError):
             return None
         finally:
             conn.close()
+        if not isinstance(state, dict):
+            return None
+        largest = state.get("max_snapshot_bytes")
+        if isinstance(largest, int) and largest > 0:
+            self.max_snapshot_bytes = largest
+        value = state.get("block_tokens")
         return value if isinstance(value, int) and value > 0 else None
 
     def start(self) -> None:
@@ -127,6 +142,20 @@ class KVSyncClient:
             self._unsent += 1
         return True
 
+    def too_large(self, session_id: str) -> bool:
+        """Whether this session's KV has outgrown what the sidecar keeps (it is not replicated)."""
+        return session_id in self._too_large
+
+    def _mark_too_large(self, session_id: str, nbytes: int, why: str) -> None:
+        if session_id not in self._too_large:
+            self.num_too_large += 1
+            log.info("kvsync client: session %s is not replicated any more: a full snapshot of %d bytes %s",
+                     session_id, nbytes, why)
+        self._too_large[session_id] = None
+        self._too_large.move_to_end(session_id)
+        while len(self._too_large) > MAX_TOO_LARGE_SESSIONS:
+            self._too_large.popitem(last=False)
+
     def needs_full(self, session_id: str) -> bool:
         """Whether the next snapshot of this session must start at token 0."""
         return session_id in self._needs_full
@@ -160,8 +189,19 @@ class KVSyncClient:
             self._conn = None
 
     def _send(self, snapshot: KVSnapshot) -> None:
+        if snapshot.session_id in self._too_large:
+            self.num_refused += 1
+            return
         parts = encode_snapshot_parts(snapshot)
         total = sum(len(p) for p in parts)
+        if self.max_snapshot_bytes is not None and total > self.max_snapshot_bytes:
+            # Posting it would only be refused (or the connection cut mid-body, which looks like an
+            # outage); a later snapshot of the session would be larger still.
+            self._needs_full.add(snapshot.session_id)
+            self.num_refused += 1
+            self._mark_too_large(snapshot.session_id, total,
+                                 f"exceeds the {self.max_snapshot_bytes} bytes the sidecar keeps")
+            return
         path = f"/v1/sessions/{urllib.parse.quote(snapshot.session_id, safe='')}/snapshots"
         try:
             try:
@@ -195,6 +235,9 @@ class KVSyncClient:
             return
         self.num_refused += 1
         self._needs_full.add(snapshot.session_id)
+        if status == 413:
+            self._mark_too_large(snapshot.session_id, total, "was refused as too large")
+            return
         if status != 409:
             log.info("kvsync client: sidecar refused a snapshot of %s: %s %s", snapshot.session_id,
                      status, body[:200])

@@ -320,7 +320,8 @@ class PublishReply:
 
     ``status``: ``accepted`` (202), ``need_full`` (409: the sidecar does not hold the blocks an
     incremental snapshot builds on; send one from token 0), ``busy`` (503: its queue is full;
-    send a full snapshot later), ``invalid`` (400).
+    send a full snapshot later), ``too_large`` (413: larger than the sidecar keeps; later, larger
+    snapshots of the session would be refused too), ``invalid`` (400).
     """
 
     status: str

@@ -47,7 +47,7 @@ WRITER = web.AppKey("writer", ReplicationWriter)
 HANDOFF_DIR = web.AppKey("handoff_dir", str)
 
 CHUNK_BYTES = 4 * 1024 * 1024
-_PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "invalid": 400}
+_PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "too_large": 413, "invalid": 400}
 
 
 def create_app(config: KVSyncConfig) -> web.Application:
@@ -122,6 +122,7 @@ async def _read_body(request: web.Request) -> bytearray:
     limit = request.app[CONFIG].server.max_body_bytes
     if n is None or n > limit:
         if n is not None:
+            request.app[METRICS].snapshots_refused.labels("too_large").inc()
             raise PayloadTooLargeError(f"snapshot of {n} bytes exceeds server.max_body_bytes = {limit}")
         return bytearray(await request.read())
     buf = bytearray(n)

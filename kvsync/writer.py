@@ -103,6 +103,12 @@ class ReplicationWriter:
     def pending_bytes(self) -> int:
         return sum(p.num_bytes for p in self.pending.values())
 
+    @property
+    def max_snapshot_bytes(self) -> int:
+        """The largest snapshot (wire bytes) this sidecar takes."""
+        body, cap = self.config.server.max_body_bytes, self.config.store.max_memory_bytes
+        return min(body, cap) if cap else body
+
     def state(self) -> dict[str, Any]:
         return {
             "pending_sessions": len(self.pending),
@@ -111,11 +117,17 @@ class ReplicationWriter:
             "lag_s": self._lag_s(),
             "tracked_sessions": len(self.chains),
             "block_tokens": self.block_tokens,
+            "max_snapshot_bytes": self.max_snapshot_bytes,
         }
 
     # -- accepting snapshots -------------------------------------------------------------------------------
     async def accept(self, session_id: str, body: bytes | bytearray) -> PublishReply:
         """Take one posted snapshot (wire form). Never touches Redis."""
+        max_bytes = self.max_snapshot_bytes
+        if len(body) > max_bytes:
+            self.metrics.snapshots_refused.labels("too_large").inc()
+            return PublishReply("too_large", f"a snapshot of {len(body)} bytes exceeds the {max_bytes} bytes "
+                                             "this sidecar keeps (store.max_memory_bytes, server.max_body_bytes)")
         cap = self.config.writer.max_pending_bytes
         if self.pending_bytes + len(body) > cap:
             self.metrics.snapshots_refused.labels("busy").inc()
@@ -126,10 +138,6 @@ class ReplicationWriter:
         except ValueError as e:
             self.metrics.snapshots_refused.labels("invalid").inc()
             return PublishReply("invalid", str(e))
-        max_bytes = self.config.store.max_memory_bytes
-        if max_bytes and len(body) > max_bytes:
-            self.metrics.snapshots_refused.labels("too_large").inc()
-            return PublishReply("invalid", f"a snapshot of {len(body)} bytes exceeds store.max_memory_bytes")
         chain = self.chains.get(session_id)
         base = self._base_for(snapshot, chain)
         if base is None:

@@ -283,7 +283,7 @@ class LLMEngine:
         if self.kvsync is None:
             return
         kept = self.runner.sessions.get(session_id)
-        if kept is None:
+        if kept is None or self._too_large(session_id):
             return
         start = self._publish_start(session_id, len(kept.token_ids))
         self._publish(KVSnapshot(
@@ -295,6 +295,11 @@ class LLMEngine:
             start=start,
             transcript=transcript,
         ))
+
+    def _too_large(self, session_id: str) -> bool:
+        """The sidecar cannot keep this session: its KV is not even copied out for it."""
+        too_large = getattr(self.kvsync, "too_large", None)
+        return too_large is not None and too_large(session_id)
 
     def _publish_start(self, session_id: str, num_tokens: int) -> int:
         assert self.kvsync is not None
@@ -320,7 +325,7 @@ class LLMEngine:
         every = self.config.kvsync.snapshot_every_tokens
         for seq in self.runner.rows:
             sid = seq.request.session_id
-            if sid is None:
+            if sid is None or self._too_large(sid):
                 continue
             mark = self._snapshot_marks.get(seq.request_id, 0)
             if len(seq.output_ids) - mark < every:

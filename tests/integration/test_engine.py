@@ -345,6 +345,10 @@ class _FakeKVSync:
         self.published = []
         self.store = {}
         self.fetches = 0
+        self.too_large_sessions: set[str] = set()
+
+    def too_large(self, session_id) -> bool:
+        return session_id in self.too_large_sessions
 
     def publish(self, snapshot) -> bool:
         self.published.append(snapshot)
@@ -360,6 +364,22 @@ class _FakeKVSync:
         if snap.identity != identity:
             return SimpleNamespace(snapshot=None, outcome="mismatch", transcript=None)
         return SimpleNamespace(snapshot=snap, outcome="restored", transcript=snap.transcript)
+
+
+def test_engine_exports_nothing_for_a_session_the_sidecar_cannot_keep(loaded, tiny_model_dir):
+    cfg = ReplicaConfig.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "kvsync": {"enabled": True, "snapshot_every_tokens": 8, "block_tokens": 16},
+    })
+    fake = _FakeKVSync()
+    fake.too_large_sessions.add("huge")
+    engine = LLMEngine(cfg, loaded, kvsync=fake)
+    reqs = [GenerationRequest(f"t-{sid}", _ids(loaded, PROMPTS[3]), _greedy(20, ignore_eos=True), session_id=sid)
+            for sid in ("huge", "fine")]
+    _run(engine, reqs)
+    for sid in ("huge", "fine"):
+        engine.finish_turn(sid, [{"role": "user", "content": "q"}])
+    assert {s.session_id for s in fake.published} == {"fine"}
 
 
 def test_engine_publishes_incremental_snapshots_every_n_tokens_and_after_turns(loaded, tiny_model_dir):

@@ -266,6 +266,36 @@ def test_expired_sessions_leave_the_memory_accounting(client: KVSyncClient, side
     assert metric_value(sidecar, "unbroken_kvsync_sessions_evicted_total") == 0
 
 
+@pytest.mark.parametrize("sidecar", [{"store.max_memory_bytes": 11000}], indirect=True)
+def test_a_session_too_large_for_the_sidecar_is_refused_once_and_not_sent_again(
+        client: KVSyncClient, sidecar: str) -> None:
+    big_kv = synthetic_kv(IDENT, 64, seed=5)
+    assert client.publish(snapshot_of("big", IDENT, list(range(64)), *big_kv))
+    wait_replicated(sidecar, client=client)
+    assert client.too_large("big") and client.num_too_large == 1
+    assert metric_value(sidecar, "unbroken_kvsync_snapshots_refused_total", {"reason": "too_large"}) == 1
+    # Its next (larger) snapshot is not posted; a small session still replicates.
+    big_kv = synthetic_kv(IDENT, 80, seed=5)
+    assert client.publish(snapshot_of("big", IDENT, list(range(80)), *big_kv))
+    assert client.publish(snapshot_of("small", IDENT, list(range(8)), *synthetic_kv(IDENT, 8)))
+    wait_replicated(sidecar, client=client)
+    assert metric_value(sidecar, "unbroken_kvsync_snapshots_refused_total", {"reason": "too_large"}) == 1
+    assert _fetch(client, "small").outcome == "restored"
+    assert _fetch(client, "big").outcome == "missing"
+    # A client that asked the sidecar's limits first does not post it at all.
+    fresh = KVSyncClient(sidecar, block_tokens=B)
+    assert fresh.sidecar_block_tokens() == B
+    assert fresh.max_snapshot_bytes == 11000
+    fresh.start()
+    try:
+        assert fresh.publish(snapshot_of("big2", IDENT, list(range(64)), *synthetic_kv(IDENT, 64, seed=6)))
+        wait_replicated(sidecar, client=fresh)
+        assert fresh.too_large("big2") and fresh.num_bytes_sent == 0
+    finally:
+        fresh.close()
+    assert metric_value(sidecar, "unbroken_kvsync_snapshots_refused_total", {"reason": "too_large"}) == 1
+
+
 SESSION_TOKENS = 16  # two blocks; ~2 KB of KV per session with the synthetic identity
 
 
