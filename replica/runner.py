@@ -50,24 +50,62 @@ def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
 
 
 class _AppendLayer(DynamicLayer):
-    """A cache layer whose keys/values are views of a larger buffer: ``update`` writes the new
-    columns into the buffer's spare room and widens the views, copying nothing."""
+    """A cache layer whose keys/values are views of columns ``start:start + width`` of a larger
+    buffer: ``update`` writes the new columns into the buffer's spare room and widens the views,
+    copying nothing."""
 
-    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, width: int) -> None:
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, start: int, width: int) -> None:
         super().__init__()
-        self.key_buffer, self.value_buffer = key_buffer, value_buffer
-        self.keys, self.values = key_buffer[:, :, :width], value_buffer[:, :, :width]
+        self.key_buffer, self.value_buffer, self.start = key_buffer, value_buffer, start
+        self.keys, self.values = key_buffer[:, :, start:start + width], value_buffer[:, :, start:start + width]
         self.device = key_buffer.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        width = self.keys.shape[2]
-        end = width + key_states.shape[2]
-        self.key_buffer[:, :, width:end] = key_states
-        self.value_buffer[:, :, width:end] = value_states
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        end = self.start + self.keys.shape[2]
+        new_end = end + key_states.shape[2]
+        self.key_buffer[:, :, end:new_end] = key_states
+        self.value_buffer[:, :, end:new_end] = value_states
+        self.keys = self.key_buffer[:, :, self.start:new_end]
+        self.values = self.value_buffer[:, :, self.start:new_end]
         return self.keys, self.values
+
+
+@dataclass
+class _Buffers:
+    """The decode batch's KV storage: per-layer ``[rows, kv_heads, columns, head_dim]`` tensors
+    whose columns ``start:start + width`` are the batch's KV and whose later columns are spare."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    start: int
+
+    def holds(self, keys: list[torch.Tensor]) -> bool:
+        """Whether ``keys`` are (still) the views of these buffers."""
+        b = self.keys[0]
+        return bool(keys) and keys[0].data_ptr() == b.data_ptr() + self.start * b.stride(2) * b.element_size() \
+            and keys[0].shape[0] == b.shape[0]
+
+    def spare(self, width: int) -> int:
+        return self.keys[0].shape[2] - self.start - width
+
+
+def _new_buffers(parts: list[list[torch.Tensor]], num_rows: int, width: int) -> list[torch.Tensor]:
+    """Per layer, one buffer of ``num_rows`` rows and ``width`` + spare columns holding each part's
+    rows (in order) right-aligned at ``width``, zeros to their left: one copy of each part."""
+    out = []
+    for layer, first in enumerate(parts[0]):
+        b = first.new_empty(num_rows, first.shape[1], width + SPARE_COLUMNS, first.shape[3])
+        row = 0
+        for tensors in parts:
+            t = tensors[layer]
+            n, w = t.shape[0], t.shape[2]
+            b[row:row + n, :, :width - w].zero_()
+            b[row:row + n, :, width - w:width] = t
+            row += n
+        out.append(b)
+    return out
 
 
 def _cache_tensors(cache: DynamicCache) -> KV:
@@ -88,8 +126,8 @@ class ModelRunner:
         self.row_lens: list[int] = []  # real (unpadded) tokens per row
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        # While set, self.keys/values are views of the first columns of these buffers.
-        self._buffers: KV | None = None
+        # While set (and holding them), self.keys/values are views of these buffers.
+        self._buffers: _Buffers | None = None
         # Sequences part-way through a chunked prefill: request id -> (keys, values) batch-1 tensors.
         self.prefilling: dict[str, KV] = {}
         self.sessions: dict[str, SessionKV] = {}
@@ -162,18 +200,14 @@ class ModelRunner:
 
     def _decode_cache(self, width: int) -> DynamicCache:
         """The batch's KV as a cache that appends in place, moved into new buffers with spare
-        columns when it has none left (or was replaced by a join or a leave)."""
+        columns when it has none left (or is not held in buffers)."""
         buffers = self._buffers
-        if buffers is None or buffers[0][0].shape[2] <= width \
-                or buffers[0][0].data_ptr() != self.keys[0].data_ptr():
-            def grown(t: torch.Tensor) -> torch.Tensor:
-                b = t.new_empty(t.shape[0], t.shape[1], width + SPARE_COLUMNS, t.shape[3])
-                b[:, :, :width] = t
-                return b
-            buffers = [grown(k) for k in self.keys], [grown(v) for v in self.values]
-            self._buffers = buffers
+        if buffers is None or not buffers.holds(self.keys) or buffers.spare(width) < 1:
+            rows = len(self.rows)
+            buffers = self._buffers = _Buffers(_new_buffers([self.keys], rows, width),
+                                               _new_buffers([self.values], rows, width), 0)
         cache = DynamicCache()
-        cache.layers = [_AppendLayer(kb, vb, width) for kb, vb in zip(*buffers)]
+        cache.layers = [_AppendLayer(kb, vb, buffers.start, width) for kb, vb in zip(buffers.keys, buffers.values)]
         return cache
 
     def _prefill(self, chunk: PrefillChunk) -> int | None:
@@ -220,20 +254,18 @@ class ModelRunner:
     # -- batch membership ------------------------------------------------------------------------
     def _join_batch(self, seqs: list[Sequence], keys: list[torch.Tensor], values: list[torch.Tensor],
                     lengths: list[int]) -> None:
-        """Add rows (already left-padded to their own common width) to the decode batch."""
+        """Add rows (already left-padded to their own common width) to the decode batch. The
+        joined batch goes straight into new buffers with spare columns."""
         self._buffers = None
         if not self.rows:
             self.keys, self.values = keys, values
         else:
-            width = self.keys[0].shape[2]
-            new_width = keys[0].shape[2]
-            if new_width > width:
-                self.keys = [_left_pad(k, new_width - width) for k in self.keys]
-                self.values = [_left_pad(v, new_width - width) for v in self.values]
-                width = new_width
-            self.keys = [torch.cat([b, _left_pad(k, width - new_width)], 0) for b, k in zip(self.keys, keys)]
-            self.values = [torch.cat([b, _left_pad(v, width - new_width)], 0)
-                           for b, v in zip(self.values, values)]
+            width = max(self.keys[0].shape[2], keys[0].shape[2])
+            rows = len(self.rows) + len(seqs)
+            buffers = self._buffers = _Buffers(_new_buffers([self.keys, keys], rows, width),
+                                               _new_buffers([self.values, values], rows, width), 0)
+            self.keys = [b[:, :, :width] for b in buffers.keys]
+            self.values = [b[:, :, :width] for b in buffers.values]
         self.rows.extend(seqs)
         self.row_lens.extend(lengths)
 
@@ -248,13 +280,23 @@ class ModelRunner:
         row_values = [v[index, :, width - n:] for v in self.values]
         del self.rows[index]
         del self.row_lens[index]
-        self._buffers = None
+        buffers, self._buffers = self._buffers, None
         if not self.rows:
             self.keys, self.values = [], []
+            return row_keys, row_values, n
+        keep = [i for i in range(len(self.rows) + 1) if i != index]
+        idx = torch.tensor(keep, device=self.keys[0].device)
+        trim = width - max(self.row_lens)  # columns that are padding in every remaining row
+        if buffers is not None and buffers.holds(self.keys):
+            # Select the rows of the whole buffers, spare columns included: still one copy, and the
+            # next decode step has room to append without another.
+            start = buffers.start + trim
+            self._buffers = _Buffers([b.index_select(0, idx) for b in buffers.keys],
+                                     [b.index_select(0, idx) for b in buffers.values], start)
+            end = buffers.start + width
+            self.keys = [b[:, :, start:end] for b in self._buffers.keys]
+            self.values = [b[:, :, start:end] for b in self._buffers.values]
         else:
-            keep = [i for i in range(len(self.rows) + 1) if i != index]
-            idx = torch.tensor(keep, device=self.keys[0].device)
-            trim = width - max(self.row_lens)  # columns that are padding in every remaining row
             self.keys = [k.index_select(0, idx)[:, :, trim:] for k in self.keys]
             self.values = [v.index_select(0, idx)[:, :, trim:] for v in self.values]
         return row_keys, row_values, n
@@ -296,9 +338,3 @@ class ModelRunner:
             return 0
         return len(self.rows) * self.keys[0].shape[2] - sum(self.row_lens)
 
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n <= 0:
-        return t
-    pad = torch.zeros(t.shape[0], t.shape[1], n, t.shape[3], dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=2)
