@@ -120,6 +120,24 @@ def test_long_decodes_grow_the_in_place_cache_and_stay_exact(loaded, tiny_model_
             req.request_id
 
 
+def test_rows_that_leave_do_not_move_the_cache(loaded, tiny_model_dir, monkeypatch):
+    """A leave selects the remaining rows of the whole buffers (spare columns included): the batch's
+    KV is allocated once at the first decode and never again while the spare columns last."""
+    import replica.runner as runner_module
+
+    allocations = []
+    real = runner_module._new_buffers
+    monkeypatch.setattr(runner_module, "_new_buffers", lambda *a: allocations.append(a[1:]) or real(*a))
+    engine = _engine(loaded, tiny_model_dir)
+    lengths = [10, 20, runner_module.SPARE_COLUMNS - 2]
+    requests = [GenerationRequest(f"k{i}", _ids(loaded, PROMPTS[i]), _greedy(n, ignore_eos=True))
+                for i, n in enumerate(lengths)]
+    tokens, _, _ = _run(engine, requests, arrive_every_steps=0)
+    assert len(allocations) == 2, allocations  # keys and values, once
+    for req, n in zip(requests, lengths):
+        assert tokens[req.request_id] == _reference(loaded, req.prompt_token_ids, n, ignore_eos=True)
+
+
 def test_chunked_prefill_does_not_stall_running_decodes(loaded, tiny_model_dir):
     engine = _engine(loaded, tiny_model_dir, max_prefill_tokens_per_step=16)
     short = GenerationRequest("short", _ids(loaded, PROMPTS[0]), _greedy(40, ignore_eos=True))
