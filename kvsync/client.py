@@ -161,6 +161,11 @@ class KVSyncClient:
         return session_id in self._needs_full
 
     @property
+    def sender_thread_id(self) -> int | None:
+        """The OS id of the thread that posts snapshots (None before ``start``)."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
     def num_queued(self) -> int:
         return self._queue.qsize()
 

@@ -13,7 +13,10 @@ sharing one loaded model, with real kvsync sidecar processes and a real redis-se
 All three must produce the same greedy tokens, and B must report the restored tokens as cached.
 TTFT is the time from ``generate()`` to the first token. Decode throughput is measured on a
 batch of concurrent sessions generating a fixed number of tokens, with replication on (a snapshot
-every ``snapshot_every_tokens`` tokens, sent to the sidecar) and off, alternating runs.
+every ``snapshot_every_tokens`` tokens, sent to the sidecar) and off, alternating runs; an "on" run
+ends when its snapshots are in Redis, and the CPU time replication took meanwhile (sidecar A,
+redis-server, the replica's sender thread; read from /proc) is printed beside the decode's own: on
+a noisy machine it bounds the cost more tightly than the difference of two throughputs.
 
 Usage: ``python -m loadtest.bench_failover [--model DIR] [--lengths 512 2048 4096]
 [--new-tokens 32] [--decode-seqs 4] [--decode-tokens 128] [--repeats 2]``. Without ``--model`` a
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -31,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,6 +48,14 @@ from replica.protocol import GenerationRequest, SamplingParams
 from unbroken.procs import start_redis
 
 BLOCK_TOKENS = 64
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process (or one of its threads) so far, from /proc."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -127,9 +140,18 @@ async def bench_ttft(engines: dict[str, AsyncEngine], client_a: KVSyncClient, si
     return rows
 
 
-async def bench_decode(engine_on: AsyncEngine, engine_off: AsyncEngine, client_on: KVSyncClient,
-                       num_seqs: int, num_tokens: int, prompt_tokens: int, repeats: int,
-                       vocab: int) -> tuple[list[float], list[float], int]:
+@dataclass
+class DecodeRuns:
+    on: list[float]  # tokens/s
+    off: list[float]
+    published: int
+    replication_cpu_s: dict[str, float]  # by part, over all "on" runs, until their snapshots were in Redis
+    decode_cpu_s: float  # this process's CPU over the same "on" runs, less the sender thread's
+
+
+async def bench_decode(engine_on: AsyncEngine, engine_off: AsyncEngine, client_on: KVSyncClient, sidecar_on: str,
+                       replication_cpu: Callable[[], dict[str, float]], num_seqs: int, num_tokens: int, prompt_tokens: int,
+                       repeats: int, vocab: int) -> DecodeRuns:
     rng = random.Random(1)
 
     async def one_run(engine: AsyncEngine, tag: str) -> float:
@@ -152,18 +174,32 @@ async def bench_decode(engine_on: AsyncEngine, engine_off: AsyncEngine, client_o
         # Decode phase only: from the moment every sequence has its first token to the last token.
         return num_seqs * (num_tokens - 1) / (max(last) - max(first))
 
-    on, off = [], []
+    runs = DecodeRuns([], [], 0, {}, 0.0)
     published_before = client_on.num_published
+
+    async def run_on(r: int) -> None:
+        before, own0 = replication_cpu(), time.process_time()
+        runs.on.append(await one_run(engine_on, f"on{r}"))
+        # Its snapshots reach Redis before anything else runs: no replication work spills over.
+        await asyncio.to_thread(wait_replicated, sidecar_on, 600.0, client_on)
+        after, own1 = replication_cpu(), time.process_time()
+        for part in after:
+            runs.replication_cpu_s[part] = runs.replication_cpu_s.get(part, 0.0) + after[part] - before[part]
+        # The sender thread is this process's, but it is replication's work, not decoding's.
+        runs.decode_cpu_s += (own1 - own0) - (after["sender thread"] - before["sender thread"])
+
     for r in range(repeats):
         # Alternate which mode goes first: a round's first run has been seen to be the slower one.
         if r % 2:
-            on.append(await one_run(engine_on, f"on{r}"))
-            off.append(await one_run(engine_off, f"off{r}"))
+            await run_on(r)
+            runs.off.append(await one_run(engine_off, f"off{r}"))
         else:
-            off.append(await one_run(engine_off, f"off{r}"))
-            on.append(await one_run(engine_on, f"on{r}"))
-        print(f"  decode run {r + 1}: replication off {off[-1]:.2f} tok/s, on {on[-1]:.2f} tok/s", flush=True)
-    return on, off, client_on.num_published - published_before
+            runs.off.append(await one_run(engine_off, f"off{r}"))
+            await run_on(r)
+        print(f"  decode run {r + 1}: replication off {runs.off[-1]:.2f} tok/s, on {runs.on[-1]:.2f} tok/s",
+              flush=True)
+    runs.published = client_on.num_published - published_before
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                     client.start()
                     clients.append(client)
                 engines[name] = AsyncEngine(cfg, client, loaded=loaded)
-            return asyncio.run(_run(args, engines, clients, sidecars, vocab, per_token))
+            return asyncio.run(_run(args, engines, clients, sidecars, vocab, per_token, redis_proc.pid))
         finally:
             for c in clients:
                 c.close()
@@ -223,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, engines: dict[str, AsyncEngine], clients: list[KVSyncClient],
-               sidecars: list, vocab: int, per_token: int) -> int:
+               sidecars: list, vocab: int, per_token: int, redis_pid: int) -> int:
     for e in engines.values():
         await e.start()
     try:
@@ -240,16 +276,27 @@ async def _run(args: argparse.Namespace, engines: dict[str, AsyncEngine], client
         if not args.skip_decode:
             print(f"\ndecode throughput, {args.decode_seqs} sequences x {args.decode_tokens} tokens after "
                   f"{args.decode_prompt_tokens}-token prompts, snapshot every 64 tokens:", flush=True)
-            on, off, published = await bench_decode(engines["A"], engines["C"], clients[0], args.decode_seqs,
-                                                    args.decode_tokens, args.decode_prompt_tokens,
-                                                    args.repeats, vocab)
-            m_on, m_off = statistics.median(on), statistics.median(off)
+            sender = clients[0].sender_thread_id
+            sidecar_pid = sidecars[0][0].pid
+
+            def replication_cpu() -> dict[str, float]:
+                return {"sidecar": cpu_seconds(sidecar_pid), "redis-server": cpu_seconds(redis_pid),
+                        "sender thread": cpu_seconds(os.getpid(), sender) if sender is not None else 0.0}
+
+            runs = await bench_decode(engines["A"], engines["C"], clients[0], sidecars[0][1], replication_cpu,
+                                      args.decode_seqs, args.decode_tokens, args.decode_prompt_tokens,
+                                      args.repeats, vocab)
+            m_on, m_off = statistics.median(runs.on), statistics.median(runs.off)
             print()
             print("| replication | decode tokens/s (median) | runs | snapshots sent |")
             print("|---|---:|---|---:|")
-            print(f"| off | {m_off:.2f} | {', '.join(f'{x:.2f}' for x in off)} | 0 |")
-            print(f"| on | {m_on:.2f} | {', '.join(f'{x:.2f}' for x in on)} | {published} |")
+            print(f"| off | {m_off:.2f} | {', '.join(f'{x:.2f}' for x in runs.off)} | 0 |")
+            print(f"| on | {m_on:.2f} | {', '.join(f'{x:.2f}' for x in runs.on)} | {runs.published} |")
             print(f"replication cost: {100 * (1 - m_on / m_off):.1f}% of decode throughput")
+            rep = sum(runs.replication_cpu_s.values())
+            parts = ", ".join(f"{k} {v:.2f} s" for k, v in runs.replication_cpu_s.items())
+            print(f"replication CPU during the 'on' runs: {rep:.2f} s ({parts}) against {runs.decode_cpu_s:.2f} s "
+                  f"of decoding: {100 * rep / max(runs.decode_cpu_s, 1e-9):.1f}%")
     finally:
         for e in engines.values():
             await e.stop()
