@@ -91,9 +91,10 @@ class _Buffers:
         return self.keys[0].shape[2] - self.start - width
 
 
-def _new_buffers(parts: list[list[torch.Tensor]], num_rows: int, width: int) -> list[torch.Tensor]:
-    """Per layer, one buffer of ``num_rows`` rows and ``width`` + spare columns holding each part's
-    rows (in order) right-aligned at ``width``, zeros to their left: one copy of each part."""
+def _new_buffers(parts: list[list[torch.Tensor]], width: int) -> list[torch.Tensor]:
+    """Per layer, one buffer of ``width`` + spare columns holding every part's rows (in order)
+    right-aligned at ``width``, zeros to their left: one copy of each part."""
+    num_rows = sum(part[0].shape[0] for part in parts)
     out = []
     for layer, first in enumerate(parts[0]):
         b = first.new_empty(num_rows, first.shape[1], width + SPARE_COLUMNS, first.shape[3])
@@ -203,9 +204,8 @@ class ModelRunner:
         columns when it has none left (or is not held in buffers)."""
         buffers = self._buffers
         if buffers is None or not buffers.holds(self.keys) or buffers.spare(width) < 1:
-            rows = len(self.rows)
-            buffers = self._buffers = _Buffers(_new_buffers([self.keys], rows, width),
-                                               _new_buffers([self.values], rows, width), 0)
+            buffers = self._buffers = _Buffers(_new_buffers([self.keys], width),
+                                               _new_buffers([self.values], width), 0)
         cache = DynamicCache()
         cache.layers = [_AppendLayer(kb, vb, buffers.start, width) for kb, vb in zip(buffers.keys, buffers.values)]
         return cache
@@ -261,9 +261,8 @@ class ModelRunner:
             self.keys, self.values = keys, values
         else:
             width = max(self.keys[0].shape[2], keys[0].shape[2])
-            rows = len(self.rows) + len(seqs)
-            buffers = self._buffers = _Buffers(_new_buffers([self.keys, keys], rows, width),
-                                               _new_buffers([self.values, values], rows, width), 0)
+            buffers = self._buffers = _Buffers(_new_buffers([self.keys, keys], width),
+                                               _new_buffers([self.values, values], width), 0)
             self.keys = [b[:, :, :width] for b in buffers.keys]
             self.values = [b[:, :, :width] for b in buffers.values]
         self.rows.extend(seqs)
