@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Install what the tests need, then run them. torch==2.13.0 goes first: the project's torch range
-# is then already satisfied and pip pulls no multi-GB CUDA build.
+# Install what the tests need into .venv (scripts/setup.sh: torch 2.13.0 first, then the project
+# with its test extras; skipped when already satisfied) and run them. This is what CI runs.
+# Extra arguments go to pytest (e.g. tests/unit, -k failover, -m slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "installing redis-server (Debian package)"
-    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-    else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
-fi
+py=$(./scripts/setup.sh replica,test,load)
 if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/bin/promtool ]; then
     # promtool (from Debian's prometheus package) checks the /metrics expositions. Only its binary
     # is unpacked into .tools/: installing the package would also start a Prometheus server.
@@ -20,10 +16,8 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/bin/promtool ]; then
         && mkdir -p .tools/bin && cp "$tmp/x/usr/bin/promtool" .tools/bin/
     rm -rf "$tmp"
 fi
-"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[test,load]"
 set +e
-"$PY" -m pytest -p no:cacheprovider -q "$@"
+"$py" -m pytest -p no:cacheprovider -q "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then echo "no tests ran: failing" >&2; exit 1; fi
