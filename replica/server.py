@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hmac
 import logging
 import os
 import time
@@ -56,6 +55,7 @@ from unbroken.errors import (
     PayloadTooLargeError,
     UnbrokenError,
 )
+from unbroken.access import OPEN_PATHS, bearer_matches
 from unbroken.http import error_middleware, json_response, read_json_body, sse_error_event
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class ReplicaRuntime:
                 adapters=sorted(cfg.model.adapters), quantization=cfg.model.quantization,
                 dtype=cfg.model.dtype, device=cfg.model.device, status=self.status.value,
                 queue_length=0, num_running=0, num_waiting=0, kv_bytes_used=0, kv_bytes_free=0,
-                kv_bytes_per_token=0, device_memory_free_bytes=0, tokens_per_s=0.0, sessions=[],
+                kv_bytes_per_token=0, device_memory_free_bytes=0, tokens_per_s=0.0, num_sessions=0,
                 max_model_len=cfg.model.max_model_len, started_at_s=self.started_at_s,
             )
         e = self.engine
@@ -178,7 +178,7 @@ class ReplicaRuntime:
             num_running=s.num_running, num_waiting=s.num_waiting, kv_bytes_used=s.kv_bytes_used,
             kv_bytes_free=s.kv_bytes_free, kv_bytes_per_token=s.kv_bytes_per_token,
             device_memory_free_bytes=s.device_memory_free_bytes, tokens_per_s=s.tokens_per_s,
-            sessions=list(s.sessions), max_model_len=e.max_model_len,
+            num_sessions=len(s.sessions), max_model_len=e.max_model_len,
             started_at_s=self.started_at_s, num_preemptions=s.num_preemptions,
         )
 
@@ -220,16 +220,15 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 @web.middleware
 async def gate_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """For ``/v1``: the shared token, then whether new work is taken; counts work in flight so
-    a drain knows when it is done."""
-    if not request.path.startswith("/v1"):
-        return await handler(request)
+    """The shared token on every route but ``/health``; then, for ``/v1``, whether new work is
+    taken, counting work in flight so a drain knows when it is done."""
     rt = request.app[RUNTIME]
     token = rt.config.server.shared_token
-    if token:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if token and request.path not in OPEN_PATHS:
+        if not bearer_matches(request.headers.get("Authorization", ""), token):
             raise AuthenticationError("missing or wrong 'Authorization: Bearer' token for this replica")
+    if not request.path.startswith("/v1"):
+        return await handler(request)
     rt.check_accepting()
     rt.begin()
     try:
@@ -478,7 +477,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         if session_id is None:
             raise InvalidRequestError(f"'{SESSION_HISTORY_HEADER}: server' needs an '{SESSION_HEADER}' header",
                                       param=SESSION_HEADER)
-        history = await engine.session_transcript(session_id)
+        history = await engine.session_transcript(session_id, adapter)
         messages = list(history or []) + messages
         if not messages:
             raise InvalidRequestError(f"session {session_id!r} has no kept conversation and the request "
