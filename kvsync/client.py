@@ -46,6 +46,29 @@ _CLOSE = object()
 MAX_TOO_LARGE_SESSIONS = 4096  # sessions remembered as too large to replicate (oldest forgotten first)
 
 
+class _BoundedSet:
+    """A set that forgets its oldest members past ``max_size``."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+
+    def discard(self, item: str) -> None:
+        self._items.pop(item, None)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class FetchResult:
     snapshot: KVSnapshot | None
@@ -72,7 +95,8 @@ class KVSyncClient:
         # Restored snapshots come through a shared-memory file while that works (same host).
         self.shared_memory = shared_memory
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._needs_full: set[str] = set()
+        # Sessions keyed by client values: bounded (a forgotten one only risks a 409 need_full).
+        self._needs_full = _BoundedSet(MAX_TOO_LARGE_SESSIONS)
         # The largest snapshot the sidecar takes (its GET /v1/state), when known.
         self.max_snapshot_bytes: int | None = None
         # Sessions whose full snapshot the sidecar cannot keep: sessions only grow, so they are
