@@ -120,7 +120,7 @@ class Replica:
                 "kv_bytes_per_token": r.kv_bytes_per_token,
                 "device_memory_free_bytes": r.device_memory_free_bytes,
             },
-            "sessions": None if r is None else len(r.sessions),
+            "sessions": None if r is None else r.num_sessions,
             "pid": None if r is None else r.pid,
         }
 
@@ -144,7 +144,7 @@ def report_from_json(data: dict[str, Any]) -> ReplicaStateReport:
         kv_bytes_per_token=int(data.get("kv_bytes_per_token") or 0),
         device_memory_free_bytes=int(data.get("device_memory_free_bytes") or 0),
         tokens_per_s=float(data.get("tokens_per_s") or 0.0),
-        sessions=[str(s) for s in (data.get("sessions") or [])],
+        num_sessions=int(data.get("num_sessions") or 0),
         max_model_len=int(data.get("max_model_len") or 0),
         started_at_s=float(data.get("started_at_s") or 0.0),
         num_preemptions=int(data.get("num_preemptions") or 0),

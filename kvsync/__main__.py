@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import urllib.parse
 
 import torch
 from aiohttp import web
 
 from kvsync.config import KVSyncConfig
 from kvsync.server import create_app
+from kvsync.store import redact_url
+from unbroken.access import check_exposure, is_loopback
 from unbroken.config import ConfigError, load_config
 
 ENV_PREFIX = "UNBROKEN_KVSYNC"
@@ -33,9 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(KVSyncConfig, args.config, env_prefix=ENV_PREFIX, overrides={
             "server.port": args.port, "server.host": args.host, "redis.url": args.redis_url})
+        check_exposure("kvsync", config.server.host, config.auth.token, config.auth.allow_insecure,
+                       token_field="auth.token", allow_field="auth.allow_insecure")
+        redis_host = urllib.parse.urlsplit(config.redis.url).hostname or "127.0.0.1"
+        if not config.auth.mac_secret and not config.auth.allow_insecure and not is_loopback(redis_host):
+            raise ConfigError(
+                f"kvsync: refusing to use the Redis at {redis_host!r} (not loopback) without auth.mac_secret: "
+                "anyone who can write to it could forge KV; set auth.mac_secret (or its environment "
+                "variable), or auth.allow_insecure = true")
     except ConfigError as e:
         print(f"kvsync: {e}", file=sys.stderr)
         return 2
+    if not config.auth.mac_secret:
+        logging.getLogger(__name__).warning(
+            "kvsync: auth.mac_secret is empty: KV in Redis is checked for accidents, not for forgery")
     # The sidecar's tensor work is memory copies on worker threads; torch's intra-op thread pool
     # only adds contention with the replica beside it.
     torch.set_num_threads(1)
@@ -46,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger(__name__).info("kvsync listening on %s:%d, Redis %s", config.server.host,
-                                     config.server.port, config.redis.url)
+                                     config.server.port, redact_url(config.redis.url))
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None,
                 access_log=None)
     return 0

@@ -22,7 +22,9 @@ from kvsync.protocol import (
     Manifest,
     block_hash,
     dtype_name,
+    block_mac,
     identity_root,
+    mac_equal,
     tensor_bytes,
     tensor_from_bytes,
 )
@@ -58,17 +60,36 @@ def compress(raw: bytes | memoryview, method: str, level: int) -> bytes:
     raise ValueError(f"compression {method!r} is not available")
 
 
-def decompress(stored: bytes, method: str) -> bytes:
+def decompress(stored: bytes | bytearray, method: str, max_bytes: int) -> bytes | bytearray:
+    """``stored`` decompressed, never past ``max_bytes`` (more is bad data, not an allocation)."""
     if method == "none":
-        return stored
-    try:
-        if method == "zlib":
-            return zlib.decompress(stored)
-        if method == "lz4" and _lz4 is not None:
-            return _lz4.decompress(stored)
-    except Exception as e:  # noqa: BLE001 - any codec failure is bad data
-        raise BadData("decompress", f"block does not decompress with {method}: {e}") from None
-    raise BadData("compression", f"compression {method!r} is not available here")
+        out: bytes | bytearray = stored
+    else:
+        try:
+            if method == "zlib":
+                d = zlib.decompressobj()
+                out = d.decompress(stored, max_bytes + 1)
+                if len(out) <= max_bytes and not d.eof:
+                    raise ValueError("the stream is truncated")
+            elif method == "lz4" and _lz4 is not None:
+                f = _lz4.LZ4FrameDecompressor()
+                out = f.decompress(stored, max_length=max_bytes + 1)
+                if len(out) <= max_bytes and not f.eof:
+                    raise ValueError("the frame is truncated")
+            else:
+                raise BadData("compression", f"compression {method!r} is not available here")
+        except BadData:
+            raise
+        except Exception as e:  # noqa: BLE001 - any codec failure is bad data
+            raise BadData("decompress", f"block does not decompress with {method}: {e}") from None
+    if len(out) > max_bytes:
+        raise BadData("shape", f"block decompresses past the {max_bytes} bytes its shape allows")
+    return out
+
+
+def compress_bound(raw_bytes: int, method: str) -> int:
+    """The most bytes ``raw_bytes`` may take stored (codecs add a little on incompressible data)."""
+    return raw_bytes if method == "none" else raw_bytes + raw_bytes // 64 + 1024
 
 
 @dataclass
@@ -78,8 +99,8 @@ class Block:
 
 
 def split_blocks(snapshot: KVSnapshot, block_tokens: int, base: Sequence[BlockRef],
-                 compression: str = "none", level: int = 1) -> list[Block]:
-    """The blocks of ``snapshot.token_ids[snapshot.start:]``.
+                 compression: str = "none", level: int = 1, secret: bytes = b"") -> list[Block]:
+    """The blocks of ``snapshot.token_ids[snapshot.start:]``, each with its MAC keyed by ``secret``.
 
     ``base`` is the session's chain up to ``start`` (full blocks); the first new block chains from
     its last key. ``start`` must be a multiple of ``block_tokens`` and ``len(base) ==
@@ -103,7 +124,8 @@ def split_blocks(snapshot: KVSnapshot, block_tokens: int, base: Sequence[BlockRe
         stored = compress(raw, compression, level)
         key = block_hash(prev, block_ids, root)
         blocks.append(Block(BlockRef(key=key, num_tokens=hi - lo, stored_bytes=len(stored),
-                                     raw_bytes=len(raw), crc32=zlib.crc32(stored)), stored))
+                                     raw_bytes=len(raw), crc32=zlib.crc32(stored),
+                                     mac=block_mac(secret, key, hi - lo, len(raw), stored)), stored))
         prev = key
     return blocks
 
@@ -118,15 +140,38 @@ def chain_keys(identity: KVIdentity, token_ids: Sequence[int], block_tokens: int
     return out
 
 
+def check_manifest_sizes(manifest: Manifest, compression: str, max_tokens: int) -> None:
+    """What a manifest says about sizes, checked before anything is allocated or read from Redis:
+    its codec is the configured one, its tokens at most ``max_tokens``, every block's raw size
+    is what its shape needs and its stored size within the codec's bound."""
+    ident = manifest.identity
+    if manifest.compression != compression:
+        raise BadData("compression", f"manifest compression {manifest.compression!r} is not the configured "
+                                     f"{compression!r}")
+    if manifest.dtype != ident.dtype or manifest.dtype not in DTYPES:
+        raise BadData("dtype", f"manifest dtype {manifest.dtype!r} differs from its identity's {ident.dtype!r}")
+    if len(manifest.token_ids) > max_tokens:
+        raise BadData("too_large", f"manifest names {len(manifest.token_ids)} tokens; at most {max_tokens} "
+                                   "are read back")
+    itemsize = torch.empty((), dtype=DTYPES[manifest.dtype]).element_size()
+    per_token = ident.num_layers * 2 * ident.num_kv_heads * ident.head_dim * itemsize
+    for i, ref in enumerate(manifest.blocks):
+        want = per_token * ref.num_tokens
+        if ref.raw_bytes != want or not 0 < ref.stored_bytes <= compress_bound(want, compression):
+            raise BadData("shape", f"block {i} claims {ref.raw_bytes} raw / {ref.stored_bytes} stored bytes; "
+                                   f"{ref.num_tokens} tokens of this identity are {want}")
+
+
 def assemble(manifest: Manifest, stored: Iterable[bytes | bytearray | None],
-             out: torch.Tensor | None = None) -> KVSnapshot:
+             out: torch.Tensor | None = None, secret: bytes = b"") -> KVSnapshot:
     """A full snapshot (``start = 0``) from a manifest and its blocks' stored bytes, which may be
     an iterator that yields each block as it arrives from Redis.
 
-    Checks every block's presence, length, checksum, chain key, decompressed size (dtype x
-    shape); raises :class:`BadData` with the first problem found. The tensors are written into
-    ``out`` (``[layers, 2, kv_heads, tokens, head_dim]``, for example over a shared-memory file)
-    when given, else into a new tensor; the snapshot's keys and values are views of it.
+    Checks every block's presence, length, MAC (keyed by ``secret``), chain key, decompressed
+    size (dtype x shape) and that its values are finite; raises :class:`BadData` with the first
+    problem found. The tensors are written into ``out`` (``[layers, 2, kv_heads, tokens,
+    head_dim]``, for example over a shared-memory file) when given, else into a new tensor; the
+    snapshot's keys and values are views of it.
     """
     ident = manifest.identity
     if manifest.dtype != ident.dtype or manifest.dtype not in DTYPES:
@@ -152,14 +197,17 @@ def assemble(manifest: Manifest, stored: Iterable[bytes | bytearray | None],
             raise BadData("missing_block", f"block {i} ({ref.key}) is missing")
         if len(data) != ref.stored_bytes:
             raise BadData("truncated", f"block {i} has {len(data)} bytes, manifest says {ref.stored_bytes}")
-        if zlib.crc32(data) != ref.crc32:
-            raise BadData("checksum", f"block {i} checksum mismatch")
-        raw = decompress(data, manifest.compression)
+        if not mac_equal(block_mac(secret, ref.key, ref.num_tokens, ref.raw_bytes, data), ref.mac):
+            raise BadData("mac", f"block {i} is not authentic (its MAC does not match)")
         want = L * 2 * H * ref.num_tokens * D * itemsize
+        raw = decompress(data, manifest.compression, want)
         if len(raw) != want or ref.raw_bytes != want:
             raise BadData("shape", f"block {i} holds {len(raw)} bytes; {(L, 2, H, ref.num_tokens, D)} "
                                    f"{manifest.dtype} needs {want}")
-        out[:, :, :, lo:lo + ref.num_tokens, :] = tensor_from_bytes(raw, dtype, (L, 2, H, ref.num_tokens, D))
+        block = tensor_from_bytes(raw, dtype, (L, 2, H, ref.num_tokens, D))
+        if not bool(torch.isfinite(block).all()):
+            raise BadData("nonfinite", f"block {i} holds values that are not finite")
+        out[:, :, :, lo:lo + ref.num_tokens, :] = block
         lo += ref.num_tokens
         del data, raw
     if next(blocks, _END) is not _END:

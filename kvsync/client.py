@@ -38,11 +38,35 @@ from kvsync.protocol import (
     encode_snapshot_parts,
 )
 from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.access import auth_header
 
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
 MAX_TOO_LARGE_SESSIONS = 4096  # sessions remembered as too large to replicate (oldest forgotten first)
+
+
+class _BoundedSet:
+    """A set that forgets its oldest members past ``max_size``."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+
+    def discard(self, item: str) -> None:
+        self._items.pop(item, None)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -56,8 +80,11 @@ class KVSyncClient:
     """One per replica process. ``start()`` before publishing, ``close()`` at shutdown."""
 
     def __init__(self, sidecar_url: str, *, block_tokens: int = 64, max_pending: int = 4,
-                 post_timeout_s: float = 30.0, shared_memory: bool = True) -> None:
+                 post_timeout_s: float = 30.0, shared_memory: bool = True, token: str = "",
+                 max_fetch_bytes: int = 1 << 34) -> None:
         self.sidecar_url = sidecar_url.rstrip("/")
+        self._headers = auth_header(token)  # the sidecar's auth.token, on every request
+        self.max_fetch_bytes = max_fetch_bytes  # the largest restored snapshot read back
         parsed = urllib.parse.urlsplit(self.sidecar_url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"kvsync sidecar URL must be http://host:port, got {sidecar_url!r}")
@@ -68,7 +95,8 @@ class KVSyncClient:
         # Restored snapshots come through a shared-memory file while that works (same host).
         self.shared_memory = shared_memory
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._needs_full: set[str] = set()
+        # Sessions keyed by client values: bounded (a forgotten one only risks a 409 need_full).
+        self._needs_full = _BoundedSet(MAX_TOO_LARGE_SESSIONS)
         # The largest snapshot the sidecar takes (its GET /v1/state), when known.
         self.max_snapshot_bytes: int | None = None
         # Sessions whose full snapshot the sidecar cannot keep: sessions only grow, so they are
@@ -93,7 +121,7 @@ class KVSyncClient:
         Also learns the largest snapshot it takes, so larger ones are not sent at all."""
         conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
         try:
-            conn.request("GET", "/v1/state")
+            conn.request("GET", "/v1/state", headers=self._headers)
             resp = conn.getresponse()
             state = orjson.loads(resp.read()) if resp.status == 200 else None
         except (OSError, http.client.HTTPException, orjson.JSONDecodeError):
@@ -257,6 +285,8 @@ class KVSyncClient:
         conn.putrequest("POST", path)
         conn.putheader("Content-Type", CONTENT_TYPE_SNAPSHOT)
         conn.putheader("Content-Length", str(total))
+        for name, value in self._headers.items():
+            conn.putheader(name, value)
         conn.endheaders()
         for part in parts:
             conn.send(part)
@@ -268,9 +298,11 @@ class KVSyncClient:
         return resp.status, body
 
     # -- restore (the replica's event loop) ----------------------------------------------------------------
-    async def fetch(self, session_id: str, identity: KVIdentity, timeout_s: float) -> FetchResult:
+    async def fetch(self, session_id: str, identity: KVIdentity, timeout_s: float,
+                    max_tokens: int = 0) -> FetchResult:
         """The newest complete snapshot of ``session_id`` whose identity is ``identity`` (full KV
-        from token 0) and the transcript; never raises, the outcome says what happened.
+        from token 0, at most ``max_tokens`` tokens when > 0) and the transcript; never raises,
+        the outcome says what happened.
 
         The snapshot comes through a shared-memory file when the sidecar offers one; if this
         process cannot open it (another host or container), shared memory is switched off and the
@@ -278,9 +310,10 @@ class KVSyncClient:
         try:
             async with asyncio.timeout(timeout_s):
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http_session:
-                    result = await self._fetch(http_session, session_id, identity, self.shared_memory)
+                    result = await self._fetch(http_session, session_id, identity, self.shared_memory,
+                                               max_tokens)
                     if result is None:
-                        result = await self._fetch(http_session, session_id, identity, False)
+                        result = await self._fetch(http_session, session_id, identity, False, max_tokens)
                     assert result is not None
                     return result
         except TimeoutError:
@@ -293,15 +326,15 @@ class KVSyncClient:
             return FetchResult(None, "error")
 
     async def _fetch(self, http_session: aiohttp.ClientSession, session_id: str, identity: KVIdentity,
-                     shared_memory: bool) -> FetchResult | None:
+                     shared_memory: bool, max_tokens: int = 0) -> FetchResult | None:
         """One fetch; None when the sidecar named a hand-off file this process cannot open."""
         path = f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/fetch"
-        ask = FetchRequest(identity, handoff="shm" if shared_memory else "http")
+        ask = FetchRequest(identity, handoff="shm" if shared_memory else "http", max_tokens=max_tokens)
         async with http_session.post(self.sidecar_url + path, data=ask.to_json(),
-                                     headers={"Content-Type": "application/json"}) as resp:
+                                     headers={"Content-Type": "application/json", **self._headers}) as resp:
             outcome = resp.headers.get(OUTCOME_HEADER, "")
             if resp.status == 200 and outcome == "restored" and resp.content_type == CONTENT_TYPE_SNAPSHOT:
-                data = await _read_into_bytearray(resp)
+                data = await _read_into_bytearray(resp, self.max_fetch_bytes)
                 snapshot = await asyncio.to_thread(decode_snapshot, data)
             else:
                 body = await resp.read()
@@ -313,6 +346,8 @@ class KVSyncClient:
                     return FetchResult(None, reply.outcome, reply.transcript)
                 if reply.handoff_path is None:
                     raise ValueError("the sidecar answered restored with neither a snapshot nor a hand-off file")
+                if not 0 < reply.handoff_bytes <= self.max_fetch_bytes:
+                    raise ValueError(f"a hand-off file of {reply.handoff_bytes} bytes is not read")
                 try:
                     mapped = open_handoff(reply.handoff_path, reply.handoff_bytes)
                 except OSError as e:
@@ -328,19 +363,17 @@ class KVSyncClient:
         return FetchResult(snapshot, "restored", snapshot.transcript)
 
 
-async def _read_into_bytearray(resp: aiohttp.ClientResponse) -> bytearray:
-    """Read a body into one writable buffer (the restored tensors are views over it)."""
+async def _read_into_bytearray(resp: aiohttp.ClientResponse, limit: int) -> bytearray:
+    """Read a body into one writable buffer (the restored tensors are views over it), at most
+    ``limit`` bytes. The buffer grows as bytes arrive; it is never sized from Content-Length."""
     n = resp.content_length
-    if n is None:
-        return bytearray(await resp.read())
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
+    if n is not None and n > limit:
+        raise ValueError(f"a restored snapshot of {n} bytes exceeds the {limit} read back")
+    buf = bytearray()
     async for chunk in resp.content.iter_chunked(1 << 20):
-        if pos + len(chunk) > n:
-            raise ValueError("restored snapshot is longer than its Content-Length")
-        view[pos:pos + len(chunk)] = chunk
-        pos += len(chunk)
-    if pos != n:
-        raise ValueError(f"restored snapshot truncated at {pos} of {n} bytes")
+        if len(buf) + len(chunk) > (n if n is not None else limit):
+            raise ValueError("restored snapshot is longer than its Content-Length or the limit")
+        buf += chunk
+    if n is not None and len(buf) != n:
+        raise ValueError(f"restored snapshot truncated at {len(buf)} of {n} bytes")
     return buf

@@ -19,6 +19,20 @@ class ServerSection(Section):
                                 "as a shared-memory file instead of an HTTP body (empty = always HTTP).")
 
 
+class AuthSection(Section):
+    token: str = Field(
+        "", description="When set, every route but /health needs 'Authorization: Bearer <token>' (the "
+                        "replica's kvsync.token). Set it by env (UNBROKEN_KVSYNC__AUTH__TOKEN) or the "
+                        "config file, never on the command line.")
+    mac_secret: str = Field(
+        "", description="Key of the HMAC-SHA256 that authenticates every block and manifest in Redis "
+                        "(env UNBROKEN_KVSYNC__AUTH__MAC_SECRET). Every sidecar sharing a Redis needs the "
+                        "same one; empty = data in Redis is only checked for accidents, not forgery.")
+    allow_insecure: bool = Field(
+        False, description="Start anyway when listening on a non-loopback host without a token, or using "
+                           "a non-loopback Redis without a mac_secret (refused otherwise).")
+
+
 class RedisSection(Section):
     url: str = Field("redis://127.0.0.1:6379/0", description="The Redis that holds blocks and manifests.")
     key_prefix: str = Field("unbroken:kv", description="Prefix of every key kvsync writes.")
@@ -39,6 +53,10 @@ class StoreSection(Section):
         "none", description="Per-block compression (lz4 needs the lz4 package). KV of float tensors "
                             "compresses poorly; 'none' is fastest.")
     compression_level: int = Field(1, ge=0, le=12, description="Compression level (zlib 0-9, lz4 0-12).")
+    max_session_tokens: int = Field(
+        131072, gt=0, description="Longest session a restore reads back, in tokens (a manifest naming more "
+                                  "is refused before anything is allocated; the replica also caps it at its "
+                                  "max_model_len).")
 
     @field_validator("compression")
     @classmethod
@@ -62,6 +80,7 @@ class WriterSection(Section):
 
 class KVSyncConfig(Section):
     server: ServerSection = Field(default_factory=ServerSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
     redis: RedisSection = Field(default_factory=RedisSection)
     store: StoreSection = Field(default_factory=StoreSection)
     writer: WriterSection = Field(default_factory=WriterSection)

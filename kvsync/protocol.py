@@ -24,6 +24,7 @@ sidecar checked every block it was assembled from, and nothing crossed a wire si
 from __future__ import annotations
 
 import hashlib
+import hmac
 import mmap
 import struct
 import warnings
@@ -38,7 +39,7 @@ from replica.protocol import KVIdentity, KVSnapshot
 
 MAGIC = b"UBKVSNAP"
 WIRE_VERSION = 1
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: blocks and manifests carry an HMAC-SHA256
 _PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 PAYLOAD_ALIGN = 64
@@ -215,6 +216,33 @@ def block_hash(prev_hash: str, token_ids: list[int], identity_root_hash: str) ->
     return h.hexdigest()
 
 
+# -- authentication ------------------------------------------------------------------------------------------
+#
+# Redis is not trusted: anyone who can write to it could put bytes under a block's name (a CRC-32 is
+# trivially matched) or a manifest of their own. Every block and manifest therefore carries an
+# HMAC-SHA256 keyed by the sidecars' shared ``auth.mac_secret``. A block's MAC covers its chain key
+# (which hashes the model identity and every token id up to it), its sizes and its stored bytes; a
+# manifest's covers all of it (session id, identity, token ids, transcript and every block's MAC).
+
+def block_mac(secret: bytes, key: str, num_tokens: int, raw_bytes: int,
+              stored: bytes | bytearray | memoryview) -> str:
+    """The MAC a manifest names for one block's stored bytes."""
+    h = hmac.new(secret, b"unbroken-kv-block\0", hashlib.sha256)
+    h.update(f"{key}:{num_tokens}:{raw_bytes}\0".encode())
+    h.update(stored)
+    return h.hexdigest()
+
+
+def _manifest_mac(secret: bytes, fields: dict[str, Any]) -> str:
+    h = hmac.new(secret, b"unbroken-kv-manifest\0", hashlib.sha256)
+    h.update(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS))
+    return h.hexdigest()
+
+
+def mac_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
 @dataclass(frozen=True)
 class BlockRef:
     """One block as a manifest names it: ``num_tokens`` tokens of every layer's K and V."""
@@ -223,7 +251,8 @@ class BlockRef:
     num_tokens: int
     stored_bytes: int  # bytes in Redis (after compression)
     raw_bytes: int  # bytes of the tensors
-    crc32: int  # of the stored bytes
+    crc32: int  # of the stored bytes (part of its name in Redis, not a check)
+    mac: str = ""  # block_mac() of the stored bytes
 
     @property
     def store_id(self) -> str:
@@ -234,13 +263,17 @@ class BlockRef:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "num_tokens": self.num_tokens, "stored_bytes": self.stored_bytes,
-                "raw_bytes": self.raw_bytes, "crc32": self.crc32}
+                "raw_bytes": self.raw_bytes, "crc32": self.crc32, "mac": self.mac}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BlockRef":
         return cls(key=str(d["key"]), num_tokens=int(d["num_tokens"]),
                    stored_bytes=int(d["stored_bytes"]), raw_bytes=int(d["raw_bytes"]),
-                   crc32=int(d["crc32"]))
+                   crc32=int(d["crc32"]), mac=str(d["mac"]))
+
+
+class ManifestForged(ValueError):
+    """A manifest whose MAC does not check out: nothing in it may be used (not even its transcript)."""
 
 
 @dataclass
@@ -265,8 +298,9 @@ class Manifest:
     def stored_bytes(self) -> int:
         return sum(b.stored_bytes for b in self.blocks)
 
-    def to_json(self) -> bytes:
-        return orjson.dumps({
+    def to_json(self, secret: bytes) -> bytes:
+        """The JSON stored in Redis, with its MAC keyed by ``secret``."""
+        fields: dict[str, Any] = {
             "version": self.version,
             "session_id": self.session_id,
             "identity": self.identity.to_dict(),
@@ -277,13 +311,23 @@ class Manifest:
             "blocks": [b.to_dict() for b in self.blocks],
             "transcript": self.transcript,
             "created_at_s": self.created_at_s,
-        })
+        }
+        return orjson.dumps({**fields, "mac": _manifest_mac(secret, fields)})
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> "Manifest":
-        """Parse and check a manifest's own consistency; ``ValueError`` when it is bad."""
+    def from_json(cls, data: bytes | str, secret: bytes) -> "Manifest":
+        """Parse, authenticate (MAC keyed by ``secret``) and check a manifest's own consistency;
+        ``ValueError`` when it is bad. Nothing in it is read before its MAC checks out."""
         try:
             d = orjson.loads(data)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            mac = d.pop("mac", None)
+        except (orjson.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"manifest is invalid: {e!r}") from None
+        if not isinstance(mac, str) or not mac_equal(mac, _manifest_mac(secret, d)):
+            raise ManifestForged("manifest is not authentic (its MAC does not match: forged, or another secret)")
+        try:
             m = cls(
                 session_id=str(d["session_id"]),
                 identity=KVIdentity.from_dict(d["identity"]),
@@ -351,9 +395,11 @@ class FetchRequest:
 
     identity: KVIdentity
     handoff: str = "http"
+    max_tokens: int = 0  # the replica's max_model_len: a longer session is not read back (0 = no cap)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"identity": self.identity.to_dict(), "handoff": self.handoff})
+        return orjson.dumps({"identity": self.identity.to_dict(), "handoff": self.handoff,
+                             "max_tokens": self.max_tokens})
 
     @classmethod
     def from_json(cls, data: bytes) -> "FetchRequest":
@@ -362,7 +408,10 @@ class FetchRequest:
             handoff = str(d.get("handoff", "http"))
             if handoff not in HANDOFFS:
                 raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
-            return cls(identity=KVIdentity.from_dict(d["identity"]), handoff=handoff)
+            max_tokens = int(d.get("max_tokens", 0) or 0)
+            if max_tokens < 0:
+                raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+            return cls(identity=KVIdentity.from_dict(d["identity"]), handoff=handoff, max_tokens=max_tokens)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"fetch request is invalid: {e!r}") from None
 

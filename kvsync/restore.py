@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from kvsync.blocks import BadData, assemble
+from kvsync.blocks import BadData, assemble, check_manifest_sizes
 from kvsync.handoff import UNCLAIMED_TTL_S, HandoffFile
 from kvsync.metrics import KVSyncMetrics
-from kvsync.protocol import DTYPES, Manifest, encode_snapshot_parts, snapshot_head
+from kvsync.protocol import DTYPES, Manifest, ManifestForged, encode_snapshot_parts, snapshot_head
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES
 from replica.protocol import KVIdentity, KVSnapshot
@@ -47,13 +47,17 @@ class RestoreResult:
 
 
 async def restore_session(store: KVStore, metrics: KVSyncMetrics, session_id: str,
-                          identity: KVIdentity, timeout_s: float, handoff_dir: str | None = None) -> RestoreResult:
+                          identity: KVIdentity, timeout_s: float, handoff_dir: str | None = None,
+                          max_tokens: int = 0) -> RestoreResult:
     """``handoff_dir``: put a restored snapshot in a shared-memory file there (when one can be
-    made) instead of returning its buffers."""
+    made) instead of returning its buffers. ``max_tokens``: the asking replica's context (a longer
+    session is refused before anything is allocated; 0 = only ``store.max_session_tokens``)."""
     t0 = time.monotonic()
+    cap = store.store_cfg.max_session_tokens
+    max_tokens = min(cap, max_tokens) if max_tokens > 0 else cap
     try:
         async with asyncio.timeout(timeout_s):
-            result = await _restore(store, metrics, session_id, identity, handoff_dir)
+            result = await _restore(store, metrics, session_id, identity, handoff_dir, max_tokens)
     except TimeoutError:
         result = RestoreResult("timeout", message=f"Redis did not answer within {timeout_s}s")
     except REDIS_FAILURES as e:
@@ -73,20 +77,25 @@ async def restore_session(store: KVStore, metrics: KVSyncMetrics, session_id: st
 
 
 async def _restore(store: KVStore, metrics: KVSyncMetrics, session_id: str,
-                   identity: KVIdentity, handoff_dir: str | None) -> RestoreResult:
+                   identity: KVIdentity, handoff_dir: str | None, max_tokens: int) -> RestoreResult:
     raw = await store.read_manifest(session_id)
     if raw is None:
         return RestoreResult("missing", message="no snapshot of this session")
     try:
-        manifest = Manifest.from_json(raw)
+        manifest = Manifest.from_json(raw, store.mac_secret)
         if manifest.session_id != session_id:
             raise ValueError(f"manifest names session {manifest.session_id!r}")
     except ValueError as e:
-        metrics.bad_data.labels("manifest").inc()
+        metrics.bad_data.labels("mac" if isinstance(e, ManifestForged) else "manifest").inc()
         return RestoreResult("corrupt", message=str(e))
     if manifest.identity != identity:
-        return RestoreResult("mismatch", transcript=manifest.transcript,
-                             message=f"snapshot is of {manifest.identity.to_dict()}, asked for {identity.to_dict()}")
+        # Another model's (or adapter's) snapshot: nothing of it is handed out, not even the transcript.
+        return RestoreResult("mismatch", message="the snapshot is of another model identity")
+    try:
+        check_manifest_sizes(manifest, store.store_cfg.compression, max_tokens)
+    except BadData as e:
+        metrics.bad_data.labels(e.reason).inc()
+        return RestoreResult("corrupt", transcript=manifest.transcript, message=str(e))
     handoff = _handoff_file(handoff_dir, manifest) if handoff_dir else None
     stored: Any = None
     try:
@@ -96,10 +105,11 @@ async def _restore(store: KVStore, metrics: KVSyncMetrics, session_id: str,
             out = handoff.payload.view(DTYPES[manifest.dtype]).view(L, 2, H, len(manifest.token_ids), D)
         store_ids = [b.store_id for b in manifest.blocks]
         free: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        reader = store.block_reader(store_ids, free)
+        largest = max((b.stored_bytes for b in manifest.blocks), default=0)
+        reader = store.block_reader(store_ids, free, max_value_bytes=largest)
         stored = (_read_ahead(reader, READ_AHEAD_BLOCKS, free.put) if reader is not None
                   else await store.read_blocks(store_ids))
-        snapshot = await asyncio.to_thread(assemble, manifest, stored, out)
+        snapshot = await asyncio.to_thread(assemble, manifest, stored, out, store.mac_secret)
     except BadData as e:
         if handoff is not None:
             handoff.discard()

@@ -12,13 +12,16 @@ Routes:
   it; or 200 with a :class:`~kvsync.protocol.FetchReply` saying why there is none.
 - ``DELETE /v1/sessions/{id}``: forget a session in Redis.
 - ``GET /health`` (200 while serving, whether or not Redis is up), ``GET /v1/state``, ``GET /metrics``.
+
+With ``auth.token`` set, every route but ``/health`` needs ``Authorization: Bearer <token>`` (401
+otherwise).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -33,9 +36,10 @@ from kvsync.protocol import (
     PublishReply,
 )
 from kvsync.restore import restore_session
-from kvsync.store import KVStore
+from kvsync.store import KVStore, redact_url
 from kvsync.writer import REDIS_FAILURES, ReplicationWriter
-from unbroken.errors import InvalidRequestError, OverloadedError, PayloadTooLargeError
+from unbroken.access import OPEN_PATHS, bearer_matches
+from unbroken.errors import AuthenticationError, InvalidRequestError, OverloadedError, PayloadTooLargeError
 from unbroken.http import error_middleware, json_response
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,23 @@ WRITER = web.AppKey("writer", ReplicationWriter)
 HANDOFF_DIR = web.AppKey("handoff_dir", str)
 
 CHUNK_BYTES = 4 * 1024 * 1024
+MAX_FETCH_REQUEST_BYTES = 64 * 1024
 _PUBLISH_STATUS = {"accepted": 202, "need_full": 409, "busy": 503, "too_large": 413, "invalid": 400}
 
 
+@web.middleware
+async def token_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``auth.token`` on every route but ``/health``."""
+    token = request.app[CONFIG].auth.token
+    if token and request.path not in OPEN_PATHS:
+        if not bearer_matches(request.headers.get("Authorization", ""), token):
+            raise AuthenticationError("missing or wrong 'Authorization: Bearer' token for this sidecar")
+    return await handler(request)
+
+
 def create_app(config: KVSyncConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, token_middleware],
+                          client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = KVSyncMetrics()
     app[HANDOFF_DIR] = usable_dir(config.server.handoff_dir) or ""
@@ -69,7 +85,7 @@ def create_app(config: KVSyncConfig) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = KVStore(config.redis, config.store)
+    store = KVStore(config.redis, config.store, config.auth.mac_secret)
     writer = ReplicationWriter(store, config, app[METRICS])
     app[STORE] = store
     app[WRITER] = writer
@@ -79,7 +95,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             raise ConnectionError("PING failed")
     except REDIS_FAILURES as e:
         log.warning("kvsync: Redis at %s is not reachable yet (%s); serving, replication waits for it",
-                    config.redis.url, e)
+                    redact_url(config.redis.url), e)
     yield
     await writer.stop()
     await store.close()
@@ -88,7 +104,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def publish(request: web.Request) -> web.Response:
-    body = await _read_body(request)
+    try:
+        body = await _read_body(request, request.app[CONFIG].server.max_body_bytes)
+    except PayloadTooLargeError:
+        request.app[METRICS].snapshots_refused.labels("too_large").inc()
+        raise
     reply = await request.app[WRITER].accept(request.match_info["session_id"], body)
     status = _PUBLISH_STATUS.get(reply.status, 400)
     headers = {"Retry-After": "1"} if reply.status == "busy" else None
@@ -98,13 +118,14 @@ async def publish(request: web.Request) -> web.Response:
 async def fetch(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["session_id"]
     try:
-        ask = FetchRequest.from_json(await request.read())
+        ask = FetchRequest.from_json(await _read_body(request, MAX_FETCH_REQUEST_BYTES))
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     config = request.app[CONFIG]
     handoff_dir = request.app[HANDOFF_DIR] if ask.handoff == "shm" else ""
     result = await restore_session(request.app[STORE], request.app[METRICS], session_id,
-                                   ask.identity, config.writer.fetch_timeout_s, handoff_dir or None)
+                                   ask.identity, config.writer.fetch_timeout_s, handoff_dir or None,
+                                   max_tokens=ask.max_tokens)
     if result.outcome == "restored" and result.manifest is not None:
         request.app[WRITER].remember(result.manifest)
     if result.outcome == "restored" and result.handoff_path is not None:
@@ -116,21 +137,17 @@ async def fetch(request: web.Request) -> web.StreamResponse:
     return json_response(reply.to_dict(), headers={OUTCOME_HEADER: result.outcome})
 
 
-async def _read_body(request: web.Request) -> bytearray:
-    """The body, read chunk by chunk into one buffer (no big synchronous join on the loop)."""
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, read chunk by chunk up to ``limit`` bytes (413 past it). Nothing is sized from
+    the peer's Content-Length: the buffer grows only as bytes arrive."""
     n = request.content_length
-    limit = request.app[CONFIG].server.max_body_bytes
-    if n is None or n > limit:
-        if n is not None:
-            request.app[METRICS].snapshots_refused.labels("too_large").inc()
-            raise PayloadTooLargeError(f"snapshot of {n} bytes exceeds server.max_body_bytes = {limit}")
-        return bytearray(await request.read())
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
+    if n is not None and n > limit:
+        raise PayloadTooLargeError(f"a body of {n} bytes exceeds the limit of {limit}")
+    buf = bytearray()
     async for chunk in request.content.iter_chunked(CHUNK_BYTES):
-        view[pos:pos + len(chunk)] = chunk
-        pos += len(chunk)
+        if len(buf) + len(chunk) > limit:
+            raise PayloadTooLargeError(f"the body exceeds the limit of {limit} bytes")
+        buf += chunk
     return buf
 
 

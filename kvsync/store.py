@@ -35,7 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError
 
-from kvsync.blocks import Block
+from kvsync.blocks import BadData, Block
 from kvsync.config import RedisSection, StoreSection
 from kvsync.protocol import Manifest
 
@@ -162,9 +162,10 @@ class CommitResult:
 class KVStore:
     """All of kvsync's Redis I/O. Raises redis-py's errors; callers decide about retries."""
 
-    def __init__(self, redis_cfg: RedisSection, store_cfg: StoreSection) -> None:
+    def __init__(self, redis_cfg: RedisSection, store_cfg: StoreSection, mac_secret: str = "") -> None:
         self.cfg = redis_cfg
         self.store_cfg = store_cfg
+        self.mac_secret = mac_secret.encode()  # keys the MAC of every block and manifest
         self.prefix = redis_cfg.key_prefix
         self.redis = aioredis.Redis.from_url(
             redis_cfg.url,
@@ -222,7 +223,7 @@ class KVStore:
 
     async def commit(self, manifest: Manifest, now_ms: int | None = None) -> CommitResult:
         """Atomically SET ``manifest`` if every block it names exists; evict LRU sessions past the cap."""
-        body = manifest.to_json()
+        body = manifest.to_json(self.mac_secret)
         session_bytes = manifest.stored_bytes + len(body)
         res = await self._commit(
             keys=[self.manifest_key(manifest.session_id), *self._index_keys],
@@ -262,16 +263,18 @@ class KVStore:
             out.extend(await self.redis.mget([self.block_key(h) for h in block_hashes[i:i + batch_size]]))
         return out
 
-    def block_reader(self, block_hashes: Sequence[str],
-                     free: "queue.SimpleQueue[bytearray] | None" = None) -> Iterator[bytearray | None] | None:
+    def block_reader(self, block_hashes: Sequence[str], free: "queue.SimpleQueue[bytearray] | None" = None,
+                     max_value_bytes: int | None = None) -> Iterator[bytearray | None] | None:
         """A blocking iterator over the blocks' bytes, each yielded as soon as it has arrived (for
         a worker thread that checks one block while the next is read), or None where the URL is not
-        plain ``redis://`` (use :meth:`read_blocks`). Buffers put on ``free`` are read into again."""
+        plain ``redis://`` (use :meth:`read_blocks`). Buffers put on ``free`` are read into again.
+        A value longer than ``max_value_bytes`` raises :class:`~kvsync.blocks.BadData` before any buffer is
+        made for it."""
         url = urllib.parse.urlsplit(self.cfg.url)
         if url.scheme != "redis":
             return None
         return _iter_get(url, [self.block_key(h) for h in block_hashes], self.cfg.connect_timeout_s,
-                         self.cfg.socket_timeout_s, free)
+                         self.cfg.socket_timeout_s, free, max_value_bytes)
 
     async def total_bytes(self) -> int:
         return int(await self.redis.get(f"{self.prefix}:total") or 0)
@@ -280,9 +283,20 @@ class KVStore:
         return bool(await self.redis.ping())
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeout_s: float,
               socket_timeout_s: float, free: "queue.SimpleQueue[bytearray] | None" = None,
-              ) -> Iterator[bytearray | None]:
+              max_value_bytes: int | None = None) -> Iterator[bytearray | None]:
     """Pipelined GETs on a blocking socket; each value is read into a buffer (no copies) and
     yielded as it arrives. A buffer of the right size on ``free`` is used again instead of a new
     one: a restore then touches a few blocks' worth of fresh memory, not the whole session's.
@@ -298,7 +312,9 @@ def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeou
     db = (url.path or "/0").lstrip("/") or "0"
     setup = []
     if url.password is not None:
-        setup.append(command("AUTH", *([url.username] if url.username else []), url.password))
+        # As redis-py does: the URL's user and password are percent-encoded.
+        user = urllib.parse.unquote(url.username) if url.username else None
+        setup.append(command("AUTH", *([user] if user else []), urllib.parse.unquote(url.password)))
     if db != "0":
         setup.append(command("SELECT", db))
     with socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), timeout=connect_timeout_s) as sock:
@@ -321,6 +337,8 @@ def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeou
                 if n < 0:
                     yield None
                     continue
+                if max_value_bytes is not None and n > max_value_bytes:
+                    raise BadData("too_large", f"a value of {n} bytes in Redis exceeds the {max_value_bytes} expected")
                 buf = _reuse(free, n)
                 if f.readinto(memoryview(buf)) != n or f.read(2) != b"\r\n":
                     raise ConnectionError("Redis closed the connection mid-value")

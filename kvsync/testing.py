@@ -11,6 +11,7 @@ import orjson
 import torch
 
 from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.access import auth_header
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def start_sidecar(redis_url: str, *, log_path: str | Path | None = None, port: int | None = None,
                   settings: Mapping[str, Any] | None = None, ready_timeout_s: float = 30.0) -> tuple[ManagedProcess, str]:
     """``python -m kvsync`` on a free port; ``settings`` are ``{"store.block_tokens": 8}`` style
-    overrides passed as ``UNBROKEN_KVSYNC__...`` env. The caller stops it (by pid)."""
+    overrides passed as ``UNBROKEN_KVSYNC__...`` env (secrets too: ``{"auth.token": ...}``). The
+    caller stops it (by pid)."""
     port = port or free_port()
     env = {"UNBROKEN_KVSYNC__" + k.upper().replace(".", "__"): str(v) for k, v in (settings or {}).items()}
     proc = ManagedProcess(
@@ -57,26 +59,29 @@ def snapshot_of(session_id: str, identity: KVIdentity, token_ids: list[int], key
                       [v[:, start:len(token_ids)].clone() for v in values], start=start, transcript=transcript)
 
 
-def sidecar_state(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "/v1/state", timeout=5) as r:
-        return orjson.loads(r.read())
+def _get(url: str, token: str = "") -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth_header(token)), timeout=5) as r:
+        return r.read()
 
 
-def wait_replicated(url: str, timeout_s: float = 20.0, client: Any = None) -> None:
+def sidecar_state(url: str, token: str = "") -> dict[str, Any]:
+    return orjson.loads(_get(url + "/v1/state", token))
+
+
+def wait_replicated(url: str, timeout_s: float = 20.0, client: Any = None, token: str = "") -> None:
     """Until the client's queue is empty and the sidecar has nothing pending for Redis."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         in_flight = client is not None and client.num_in_flight > 0
-        if not in_flight and sidecar_state(url)["pending_sessions"] == 0:
+        if not in_flight and sidecar_state(url, token)["pending_sessions"] == 0:
             return
         time.sleep(0.02)
-    raise TimeoutError(f"sidecar {url} still has pending writes after {timeout_s}s: {sidecar_state(url)}")
+    raise TimeoutError(f"sidecar {url} still has pending writes after {timeout_s}s: {sidecar_state(url, token)}")
 
 
-def metric_value(url: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+def metric_value(url: str, name: str, labels: Mapping[str, str] | None = None, token: str = "") -> float:
     """One sample from the sidecar's ``/metrics`` (0 when absent)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = _get(url + "/metrics", token).decode()
     want = name
     if labels:
         want += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"

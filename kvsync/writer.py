@@ -145,7 +145,8 @@ class ReplicationWriter:
             return PublishReply("need_full", "no base for an incremental snapshot here; send one from token 0")
         store_cfg = self.config.store
         blocks = await asyncio.to_thread(split_blocks, snapshot, self.block_tokens, base,
-                                         store_cfg.compression, store_cfg.compression_level)
+                                         store_cfg.compression, store_cfg.compression_level,
+                                         self.store.mac_secret)
         if snapshot.start > 0 and self.chains.get(session_id) is not chain:
             # Another snapshot of this session changed the chain while this one was being cut.
             self.metrics.snapshots_refused.labels("need_full").inc()

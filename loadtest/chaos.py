@@ -89,10 +89,13 @@ class ChaosResult:
 
 # -- metrics ---------------------------------------------------------------------------------------
 
-def scrape_counters(url: str, timeout_s: float = 2.0) -> dict[str, float]:
-    """Prometheus ``*_total`` series (name{labels} -> value) that count failovers, retries, restores."""
+def scrape_counters(url: str, timeout_s: float = 2.0, token: str = "") -> dict[str, float]:
+    """Prometheus ``*_total`` series (name{labels} -> value) that count failovers, retries, restores.
+    ``token``: the bearer token ``/metrics`` needs there (a replica's shared token)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as r:
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/metrics", headers=headers),
+                                    timeout=timeout_s) as r:
             text = r.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError):
         return {}
@@ -114,7 +117,8 @@ def stack_counters(stack: Stack) -> dict[str, float]:
     counters = {f"gateway {k}": v for k, v in scrape_counters(stack.url).items()}
     for r in stack.replicas:
         if r.process.alive():
-            counters.update({f"{r.replica_id} {k}": v for k, v in scrape_counters(r.direct_url).items()})
+            scraped = scrape_counters(r.direct_url, token=stack.config.replicas.shared_token)
+            counters.update({f"{r.replica_id} {k}": v for k, v in scraped.items()})
     return counters
 
 

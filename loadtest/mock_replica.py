@@ -196,7 +196,7 @@ class MockReplica:
             "queue_length": self.num_running, "num_running": self.num_running, "num_waiting": 0,
             "kv_bytes_used": self.num_running * 100 * k.kv_bytes_per_token, "kv_bytes_free": k.kv_bytes_free,
             "kv_bytes_per_token": k.kv_bytes_per_token, "device_memory_free_bytes": 0, "tokens_per_s": 0.0,
-            "sessions": [], "max_model_len": 4096, "started_at_s": self.started_at_s, "num_preemptions": 0,
+            "num_sessions": 0, "max_model_len": 4096, "started_at_s": self.started_at_s, "num_preemptions": 0,
         }), content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from replica.config import ReplicaConfig
+from unbroken.access import check_exposure
 from unbroken.config import ConfigError, load_config
 from unbroken.procs import free_port
 
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-id", help="name in heartbeats and X-Replica-ID (overrides server.replica_id)")
     p.add_argument("--kvsync-url", help="the local kvsync sidecar; enables kvsync (overrides kvsync.sidecar_url)")
     p.add_argument("--registry-redis-url", help="announce in this Redis (overrides registry.redis_url)")
-    p.add_argument("--shared-token", help="require 'Authorization: Bearer T' on /v1 (overrides server.shared_token)")
+    p.add_argument("--shared-token", help="require 'Authorization: Bearer T' on every route but /health "
+                                          "(overrides server.shared_token; prefer the environment variable "
+                                          "UNBROKEN_REPLICA__SERVER__SHARED_TOKEN: argv is visible to every local user)")
     p.add_argument("--quantization", choices=["nf4", "none"], help="overrides model.quantization")
     return p
 
@@ -56,7 +59,11 @@ def load_replica_config(args: argparse.Namespace) -> ReplicaConfig:
     if args.kvsync_url:
         overrides["kvsync.sidecar_url"] = args.kvsync_url
         overrides["kvsync.enabled"] = True
-    return load_config(ReplicaConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
+    config = load_config(ReplicaConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
+    server = config.server
+    check_exposure("replica", server.host, server.shared_token, server.allow_insecure,
+                   token_field="server.shared_token", allow_field="server.allow_insecure")
+    return config
 
 
 def make_kvsync_client(config: ReplicaConfig) -> Any:
@@ -69,7 +76,7 @@ def make_kvsync_client(config: ReplicaConfig) -> Any:
         log.warning("kvsync.enabled but kvsync.client cannot be imported (%s); serving without kvsync", e)
         return None
     client = KVSyncClient(config.kvsync.sidecar_url, block_tokens=config.kvsync.block_tokens,
-                          shared_memory=config.kvsync.shared_memory)
+                          shared_memory=config.kvsync.shared_memory, token=config.kvsync.token)
     sidecar_blocks = client.sidecar_block_tokens()
     if sidecar_blocks is not None and sidecar_blocks != config.kvsync.block_tokens:
         # The sidecar owns the Redis layout; with another block size every incremental snapshot

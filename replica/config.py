@@ -14,8 +14,16 @@ class ServerSection(Section):
     port: int = Field(8001, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
     replica_id: str = Field("", description="Name in heartbeats and X-Replica-ID; empty = host:port.")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes.")
-    shared_token: str = Field("", description="When set, requests must carry 'Authorization: Bearer <token>' "
-                                              "(the gateway's replica token); /health and /state stay open.")
+    shared_token: str = Field(
+        "", description="When set, every route but /health needs 'Authorization: Bearer <token>' (the "
+                        "gateway's replica token). Set it by env (UNBROKEN_REPLICA__SERVER__SHARED_TOKEN) "
+                        "or the config file, not on the command line.")
+    allow_insecure: bool = Field(
+        False, description="Listen on a non-loopback host without a shared_token (refused otherwise).")
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings one request may carry (400 past it).")
+    max_stop_string_chars: int = Field(
+        256, gt=0, description="Longest stop string, in characters (400 past it); the detokenizer holds "
+                               "back at most this much text.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long running streams may finish.")
     drain_retry_after_s: float = Field(2.0, ge=0, description="Retry-After sent with 503 while draining.")
 
@@ -55,6 +63,9 @@ class KVSyncSection(Section):
     snapshot_every_tokens: int = Field(64, ge=0, description="During a generation, snapshot every N tokens (0 = only after each turn).")
     block_tokens: int = Field(64, gt=0, description="Tokens per KV block (must equal the sidecar's).")
     fetch_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a restore before re-prefill.")
+    token: str = Field(
+        "", description="Bearer token sent to the sidecar (its auth.token); set it by env "
+                        "(UNBROKEN_REPLICA__KVSYNC__TOKEN) or the config file.")
     shared_memory: bool = Field(
         True, description="Take restored snapshots from the sidecar as a shared-memory file when it "
                           "offers one (same host); off = always as an HTTP body.")

@@ -38,6 +38,10 @@ class IncrementalDetokenizer:
 
     ``max_held_tokens`` bounds how long an undecodable tail is held: a token whose own text is a
     literal U+FFFD would otherwise hold everything after it.
+
+    Work per token is bounded by what is held back, which is at most the longest stop string (plus
+    an incomplete character): each token costs one decode of the held ids, and the text of every
+    shorter run of them is remembered rather than decoded again.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class IncrementalDetokenizer:
         self.text = ""  # everything emitted so far
         self.token_ids: list[int] = []  # every id emitted so far
         self.pending: list[int] = []  # ids whose text is not emitted yet
+        self._pending_texts: list[str] = []  # [k] = decode(pending[:k + 1])
         self.stopped = False  # a stop string was found; nothing more is accepted
         self.stop_string: str | None = None
 
@@ -65,7 +70,16 @@ class IncrementalDetokenizer:
             list(ids), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
-    def _emit(self, text: str, ids: list[int]) -> DetokenizedPiece:
+    def _emit(self, k: int) -> DetokenizedPiece:
+        """Release the first ``k`` pending tokens (their text is ``_pending_texts[k - 1]``)."""
+        text, ids = self._pending_texts[k - 1], self.pending[:k]
+        rest_ids, rest_texts = self.pending[k:], self._pending_texts[k:]
+        self.pending = rest_ids
+        if text and not text.endswith(REPLACEMENT_CHAR) and all(t.startswith(text) for t in rest_texts):
+            # The held tokens' text goes on where the released text ends: no decode again.
+            self._pending_texts = [t[len(text):] for t in rest_texts]
+        else:
+            self._pending_texts = [self._decode(rest_ids[:j]) for j in range(1, len(rest_ids) + 1)]
         self.text += text
         self.token_ids.extend(ids)
         return DetokenizedPiece(text, ids)
@@ -74,10 +88,17 @@ class IncrementalDetokenizer:
         """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
         best = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
+            # Only suffixes that begin with the stop string's first character can match.
+            lo = max(0, len(text) - (len(s) - 1))
+            i = text.find(s[0], lo)
+            while i >= 0:
+                n = len(text) - i
+                if n <= best:
+                    break
+                if s.startswith(text[i:]):
                     best = n
                     break
+                i = text.find(s[0], i + 1)
         return best
 
     def add(self, token_id: int) -> DetokenizedPiece:
@@ -86,13 +107,16 @@ class IncrementalDetokenizer:
             return DetokenizedPiece("")
         self.pending.append(int(token_id))
         pending_text = self._decode(self.pending)
+        self._pending_texts.append(pending_text)
         if self.stop:
             cut = self._find_stop(pending_text)
             if cut is not None:
                 self.stopped = True
                 self.stop_string = next(x for x in self.stop if pending_text.startswith(x, cut))
-                ids, self.pending = self.pending, []
-                return self._emit(pending_text[:cut], ids)
+                ids, self.pending, self._pending_texts = self.pending, [], []
+                self.text += pending_text[:cut]
+                self.token_ids.extend(ids)
+                return DetokenizedPiece(pending_text[:cut], ids)
         # An incomplete character at the end may still complete a stop string's prefix: judge
         # the prefix on the text before it.
         complete = pending_text.rstrip(REPLACEMENT_CHAR)
@@ -100,17 +124,18 @@ class IncrementalDetokenizer:
         force = len(self.pending) > self.max_held_tokens
         # The longest run of whole pending tokens whose text is complete and safe to show.
         for k in range(len(self.pending), 0, -1):
-            text_k = pending_text if k == len(self.pending) else self._decode(self.pending[:k])
+            text_k = self._pending_texts[k - 1]
             if len(text_k) > safe_len:
                 continue
             if text_k.endswith(REPLACEMENT_CHAR) and not force:
                 continue
             if not text_k:
                 # Only special tokens so far (skipped as empty text): let their ids ride along
-                # with the next visible text rather than sending an empty delta.
-                return DetokenizedPiece("")
-            ids, self.pending = self.pending[:k], self.pending[k:]
-            return self._emit(text_k, ids)
+                # with the next visible text rather than sending an empty delta, for a while.
+                if len(self.pending) <= self.max_held_tokens:
+                    return DetokenizedPiece("")
+                return self._emit(len(self.pending))
+            return self._emit(k)
         return DetokenizedPiece("")
 
     def _find_stop(self, pending_text: str) -> int | None:
@@ -127,8 +152,11 @@ class IncrementalDetokenizer:
         """The request ended: release whatever is held (text and ids)."""
         if self.stopped or not self.pending:
             return DetokenizedPiece("")
-        ids, self.pending = self.pending, []
-        return self._emit(self._decode(ids), ids)
+        ids, self.pending, self._pending_texts = self.pending, [], []
+        text = self._decode(ids)
+        self.text += text
+        self.token_ids.extend(ids)
+        return DetokenizedPiece(text, ids)
 
 
 __all__ = ["DetokenizedPiece", "IncrementalDetokenizer"]

@@ -79,7 +79,9 @@ class LLMEngine:
         self.scheduler: Scheduler | None = None
         self.runner: ModelRunner | None = None
         self.transcripts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self.published_tokens: dict[str, int] = {}  # session -> tokens replicated (block-aligned)
+        # session -> tokens replicated (block-aligned); keyed by client values, so bounded (LRU):
+        # a forgotten session only sends its next snapshot in full.
+        self.published_tokens: OrderedDict[str, int] = OrderedDict()
         self._snapshot_marks: dict[str, int] = {}  # request -> tokens at its last snapshot
         self.num_snapshots_published = 0
         self.num_snapshots_dropped = 0
@@ -198,8 +200,7 @@ class LLMEngine:
             kept = self.runner.finish(seq, keep_session=keep)
             if kept is not None:
                 evicted = self.scheduler.keep_session(seq.request.session_id, kept.token_ids, kept.adapter)
-                for sid in evicted:
-                    self.runner.sessions.pop(sid, None)
+                self._forget_sessions(evicted)
         if self.kvsync is not None and self.config.kvsync.snapshot_every_tokens > 0:
             self._snapshot_running()
         return outputs
@@ -210,12 +211,26 @@ class LLMEngine:
         sid = seq.request.session_id
         if first and sid is not None:
             # The replicated copy is only a prefix of this sequence up to what it reused.
-            self.published_tokens[sid] = min(self.published_tokens.get(sid, 0), seq.num_cached_prompt_tokens)
+            self._set_published(sid, min(self.published_tokens.get(sid, 0), seq.num_cached_prompt_tokens))
         return TokenOutput(
             seq.request_id, token, reason,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens if first else 0,
             cache_source=seq.cache_source if first else None,
         )
+
+    def _set_published(self, session_id: str, num_tokens: int) -> None:
+        self.published_tokens[session_id] = num_tokens
+        self.published_tokens.move_to_end(session_id)
+        cap = self.config.engine.max_kept_sessions + self.config.engine.max_num_seqs
+        while len(self.published_tokens) > cap:
+            self.published_tokens.popitem(last=False)
+
+    def _forget_sessions(self, session_ids: list[str]) -> None:
+        """Sessions evicted from the kept set: their KV and bookkeeping go."""
+        assert self.runner is not None
+        for sid in session_ids:
+            self.runner.sessions.pop(sid, None)
+            self.published_tokens.pop(sid, None)
 
     # -- sessions, export and import ------------------------------------------------------------------
     def export_session(self, session_id: str) -> KVSnapshot | None:
@@ -250,6 +265,12 @@ class LLMEngine:
             raise InvalidRequestError(f"KV snapshot tensors do not have shape {shape} per layer")
         if n == 0 or n >= self.max_model_len:
             raise InvalidRequestError(f"KV snapshot of {n} tokens cannot be imported")
+        vocab = len(self.loaded.tokenizer)
+        if any(not 0 <= t < vocab for t in snapshot.token_ids):
+            raise InvalidRequestError("KV snapshot token ids are outside this model's vocabulary")
+        # A NaN or inf here would reach the decode batch and fail every running request with it.
+        if not all(bool(torch.isfinite(t).all()) for t in list(snapshot.keys) + list(snapshot.values)):
+            raise InvalidRequestError("KV snapshot holds values that are not finite")
         device, dtype = self.loaded.device, self.loaded.dtype
         self.runner.sessions[snapshot.session_id] = SessionKV(
             token_ids=list(snapshot.token_ids),
@@ -259,15 +280,14 @@ class LLMEngine:
         )
         evicted = self.scheduler.keep_session(snapshot.session_id, snapshot.token_ids,
                                               snapshot.identity.adapter, source=source)
-        for sid in evicted:
-            self.runner.sessions.pop(sid, None)
+        self._forget_sessions(evicted)
         if snapshot.session_id in evicted:
             return 0
         if snapshot.transcript is not None:
             self.set_transcript(snapshot.session_id, snapshot.transcript)
         # What the store holds is what was imported: the next snapshot only sends newer blocks.
         block = self.config.kvsync.block_tokens
-        self.published_tokens[snapshot.session_id] = n // block * block
+        self._set_published(snapshot.session_id, n // block * block)
         return n
 
     def set_transcript(self, session_id: str, transcript: list[dict[str, Any]]) -> None:
@@ -314,7 +334,7 @@ class LLMEngine:
         assert self.kvsync is not None
         if self.kvsync.publish(snapshot):
             block = self.config.kvsync.block_tokens
-            self.published_tokens[snapshot.session_id] = len(snapshot.token_ids) // block * block
+            self._set_published(snapshot.session_id, len(snapshot.token_ids) // block * block)
             self.num_snapshots_published += 1
         else:
             self.num_snapshots_dropped += 1
@@ -513,10 +533,12 @@ class AsyncEngine:
     async def import_session(self, snapshot: KVSnapshot) -> int:
         return await self._call("import_session", snapshot)
 
-    async def session_transcript(self, session_id: str) -> list[dict[str, Any]] | None:
+    async def session_transcript(self, session_id: str, adapter: str | None = None) -> list[dict[str, Any]] | None:
+        """The session's kept conversation, restored through kvsync when this replica lacks it
+        (only from a snapshot of this model and ``adapter``)."""
         transcript = await self._call("_transcript", session_id)
         if transcript is None and self.kvsync is not None:
-            await self._restore(session_id, None)
+            await self._restore(session_id, adapter)
             transcript = await self._call("_transcript", session_id)
         return transcript
 
@@ -537,15 +559,17 @@ class AsyncEngine:
         timeout_s = self.config.kvsync.fetch_timeout_s
         try:
             result = await asyncio.wait_for(
-                self.kvsync.fetch(session_id, self.identity(adapter), timeout_s), timeout_s + 0.5)
+                self.kvsync.fetch(session_id, self.identity(adapter), timeout_s, max_tokens=self.max_model_len),
+                timeout_s + 0.5)
             outcome = result.outcome
             if result.snapshot is not None:
                 try:
                     n = await self._call("import_session", result.snapshot)
                     self.num_restored_tokens += n
                 except InvalidRequestError as e:
+                    # Only this restore fails: the turn re-prefills from its prompt.
                     log.warning("kvsync snapshot for session %s refused: %s", session_id, e.message)
-                    outcome = "mismatch"
+                    outcome = "corrupt"
             elif result.transcript is not None:
                 await self._call("set_transcript", session_id, result.transcript)
             if result.snapshot is not None and result.transcript is not None and outcome == "restored":

@@ -148,7 +148,7 @@ class ReplicaStateReport:
     kv_bytes_per_token: int
     device_memory_free_bytes: int
     tokens_per_s: float
-    sessions: list[str]
+    num_sessions: int  # sessions whose KV this replica keeps (never their ids)
     max_model_len: int
     started_at_s: float
     num_preemptions: int = 0

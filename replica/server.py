@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hmac
 import logging
 import os
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +56,7 @@ from unbroken.errors import (
     PayloadTooLargeError,
     UnbrokenError,
 )
+from unbroken.access import OPEN_PATHS, bearer_matches
 from unbroken.http import error_middleware, json_response, read_json_body, sse_error_event
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class ReplicaRuntime:
                 adapters=sorted(cfg.model.adapters), quantization=cfg.model.quantization,
                 dtype=cfg.model.dtype, device=cfg.model.device, status=self.status.value,
                 queue_length=0, num_running=0, num_waiting=0, kv_bytes_used=0, kv_bytes_free=0,
-                kv_bytes_per_token=0, device_memory_free_bytes=0, tokens_per_s=0.0, sessions=[],
+                kv_bytes_per_token=0, device_memory_free_bytes=0, tokens_per_s=0.0, num_sessions=0,
                 max_model_len=cfg.model.max_model_len, started_at_s=self.started_at_s,
             )
         e = self.engine
@@ -178,7 +179,7 @@ class ReplicaRuntime:
             num_running=s.num_running, num_waiting=s.num_waiting, kv_bytes_used=s.kv_bytes_used,
             kv_bytes_free=s.kv_bytes_free, kv_bytes_per_token=s.kv_bytes_per_token,
             device_memory_free_bytes=s.device_memory_free_bytes, tokens_per_s=s.tokens_per_s,
-            sessions=list(s.sessions), max_model_len=e.max_model_len,
+            num_sessions=len(s.sessions), max_model_len=e.max_model_len,
             started_at_s=self.started_at_s, num_preemptions=s.num_preemptions,
         )
 
@@ -220,16 +221,15 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 @web.middleware
 async def gate_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """For ``/v1``: the shared token, then whether new work is taken; counts work in flight so
-    a drain knows when it is done."""
-    if not request.path.startswith("/v1"):
-        return await handler(request)
+    """The shared token on every route but ``/health``; then, for ``/v1``, whether new work is
+    taken, counting work in flight so a drain knows when it is done."""
     rt = request.app[RUNTIME]
     token = rt.config.server.shared_token
-    if token:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if token and request.path not in OPEN_PATHS:
+        if not bearer_matches(request.headers.get("Authorization", ""), token):
             raise AuthenticationError("missing or wrong 'Authorization: Bearer' token for this replica")
+    if not request.path.startswith("/v1"):
+        return await handler(request)
     rt.check_accepting()
     rt.begin()
     try:
@@ -337,6 +337,7 @@ async def _serve(
     """Run one generation and answer it (stream or not)."""
     rt = request.app[RUNTIME]
     engine = rt.engine
+    _check_stop(req.stop, rt.config)
     arrival_s = time.monotonic()
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     response_id = _new_id("chatcmpl" if req.kind == "chat" else "cmpl")
@@ -373,6 +374,18 @@ async def _serve(
     finally:
         if stream is not None:
             await stream.aclose()  # aborts the engine request if it is still running (frees its KV)
+
+
+def _check_stop(stop: tuple[str, ...], config: ReplicaConfig) -> None:
+    """Stop strings are held back as text is generated: their count and length bound that work."""
+    server = config.server
+    if len(stop) > server.max_stop_strings:
+        raise InvalidRequestError(f"'stop' may hold at most {server.max_stop_strings} strings, got {len(stop)}",
+                                  param="stop")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > server.max_stop_string_chars:
+        raise InvalidRequestError(f"a stop string may be at most {server.max_stop_string_chars} characters "
+                                  f"long, got one of {longest}", param="stop")
 
 
 async def _one_piece(piece: DetokenizedPiece) -> AsyncIterator[DetokenizedPiece]:
@@ -478,7 +491,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         if session_id is None:
             raise InvalidRequestError(f"'{SESSION_HISTORY_HEADER}: server' needs an '{SESSION_HEADER}' header",
                                       param=SESSION_HEADER)
-        history = await engine.session_transcript(session_id)
+        history = await engine.session_transcript(session_id, adapter)
         messages = list(history or []) + messages
         if not messages:
             raise InvalidRequestError(f"session {session_id!r} has no kept conversation and the request "
@@ -500,11 +513,50 @@ async def _off_loop_if_large(size: int, fn: Any, *args: Any) -> Any:
 
 
 def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The chat template's prompt, with every message's content tokenized as plain text: a
+    control token's text inside content (``<|im_start|>system``) is not that control token, so
+    a user cannot forge another role. Content without such text is tokenized as it always was."""
+    markers = _control_token_texts(tokenizer)
+    if not any(m in str(msg.get("content") or "") for msg in messages for m in markers):
+        text = _render(tokenizer, messages)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Render with each content replaced by a marker of its own, then tokenize the template's text
+    # between them as usual and each content with its special tokens split into plain text.
+    nonce = secrets.token_hex(8)
+    sentinels = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    text = _render(tokenizer, [{**m, "content": sentinels[i]} for i, m in enumerate(messages)])
+    ids: list[int] = []
+    pos = 0
+    for sentinel, message in zip(sentinels, messages):
+        at = text.find(sentinel, pos)
+        if at < 0 or text.find(sentinel, at + 1) >= 0:
+            raise InvalidRequestError("a message holds the text of a control token, and this model's chat template "
+                                      "cannot keep it as plain text", param="messages")
+        if at > pos:
+            ids += tokenizer(text[pos:at], add_special_tokens=False)["input_ids"]
+        content = str(message.get("content") or "")
+        if content:
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pos = at + len(sentinel)
+    if pos < len(text):
+        ids += tokenizer(text[pos:], add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template may reject a conversation's shape
         raise InvalidRequestError(f"the chat template rejected these messages: {e}", param="messages") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _control_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts the tokenizer turns into special (control) tokens."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token))
+    return tuple(t for t in texts if t)
 
 
 def _text_prompt_ids(tokenizer: Any, text: str) -> list[int]:

@@ -47,8 +47,8 @@ class ReplicasSection(Section):
                                                             "there when it is missing.")
     config_path: str = Field("", description="Replica YAML passed as --config (empty = the replica's defaults).")
     quantization: str = Field("nf4", description="nf4 | none.")
-    shared_token: str = Field("", description="Gateway<->replica token passed as --shared-token (empty = none); "
-                                              "give the gateway the same token in its own config.")
+    shared_token: str = Field("", description="Gateway<->replica token, handed to each replica in its "
+                                              "environment (empty = none); give the gateway the same token.")
     announce_in_redis: bool = Field(False, description="Also announce replicas in the Redis registry "
                                                        "(--registry-redis-url); the gateway gets static URLs either way.")
     ready_timeout_s: float = Field(240.0, gt=0, description="Longest wait for a replica's /health.")
@@ -61,6 +61,10 @@ class KVSyncSection(Section):
     enabled: bool = Field(True, description="Start a kvsync sidecar per replica (when the package exists).")
     config_path: str = Field("", description="kvsync YAML passed as --config (empty = defaults).")
     ready_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a sidecar's /health.")
+    token: str = Field("", description="Replica<->sidecar token (the sidecar's auth.token, the replica's "
+                                       "kvsync.token), handed to both in their environment (empty = none).")
+    mac_secret: str = Field("", description="Key of the MAC on KV in Redis (the sidecars' auth.mac_secret), "
+                                            "handed over in the environment (empty = none).")
 
 
 class GatewaySection(Section):
@@ -266,9 +270,11 @@ class Stack:
                 "--replica-id", replica_id, "--quantization", cfg.quantization]
         if cfg.config_path:
             args += ["--config", cfg.config_path]
-        if cfg.shared_token:
-            args += ["--shared-token", cfg.shared_token]
         env = dict(cfg.env)
+        if cfg.shared_token:  # secrets travel in the environment, never on argv
+            env["UNBROKEN_REPLICA__SERVER__SHARED_TOKEN"] = cfg.shared_token
+        if self.config.kvsync.token:
+            env["UNBROKEN_REPLICA__KVSYNC__TOKEN"] = self.config.kvsync.token
         if cfg.num_threads:
             env.setdefault("UNBROKEN_REPLICA__MODEL__NUM_THREADS", str(cfg.num_threads))
             env.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
@@ -292,9 +298,14 @@ class Stack:
             kargs = ["--port", str(handle.kvsync_port), "--redis-url", self.redis_url]
             if self.config.kvsync.config_path:
                 kargs += ["--config", self.config.kvsync.config_path]
+            kenv = {}
+            if self.config.kvsync.token:
+                kenv["UNBROKEN_KVSYNC__AUTH__TOKEN"] = self.config.kvsync.token
+            if self.config.kvsync.mac_secret:
+                kenv["UNBROKEN_KVSYNC__AUTH__MAC_SECRET"] = self.config.kvsync.mac_secret
             handle.kvsync = ManagedProcess(
                 f"kvsync-{replica_id}", python_module_cmd("kvsync", *kargs),
-                log_path=self._log(f"kvsync-{replica_id}"),
+                log_path=self._log(f"kvsync-{replica_id}"), env=kenv,
                 ready_url=f"http://{LOOPBACK}:{handle.kvsync_port}/health",
             ).start()
         if self.config.fault_proxy.enabled:
@@ -321,7 +332,7 @@ class Stack:
         r.process = self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port, r.url).start()
         if r.kvsync is not None and not r.kvsync.alive():
             r.kvsync = ManagedProcess(r.kvsync.name, r.kvsync.cmd, log_path=r.kvsync.log_path,
-                                      ready_url=r.kvsync.ready_url).start()
+                                      env=r.kvsync.env, ready_url=r.kvsync.ready_url).start()
         if wait:
             self._wait_replica(r)
         return r

@@ -223,6 +223,21 @@ def test_export_import_round_trip_continues_exactly(loaded, tiny_model_dir):
     bad_shape = dataclasses.replace(snapshot, keys=[k[:, :-1] for k in snapshot.keys])
     with pytest.raises(InvalidRequestError):
         b.import_session(bad_shape)
+    poisoned = dataclasses.replace(snapshot, session_id="p", keys=[k.clone() for k in snapshot.keys])
+    poisoned.keys[1][0, 2, 0] = float("nan")
+    with pytest.raises(InvalidRequestError, match="not finite"):
+        b.import_session(poisoned)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        b.import_session(dataclasses.replace(snapshot, session_id="p", token_ids=[10**7] + snapshot.token_ids[1:]))
+    assert "p" not in b.runner.sessions
+
+
+def test_session_bookkeeping_keyed_by_clients_is_bounded(loaded, tiny_model_dir):
+    engine = _engine(loaded, tiny_model_dir, max_kept_sessions=2, max_num_seqs=2)
+    requests = [GenerationRequest(f"r{i}", _ids(loaded, "a"), _greedy(1), session_id=f"s{i}") for i in range(12)]
+    _run(engine, requests, arrive_every_steps=0)
+    assert len(engine.scheduler.sessions) <= 2
+    assert len(engine.published_tokens) <= 2 + 2  # kept sessions + running rows, never one per client id
 
 
 def test_seeded_sampling_resumes_exactly(loaded, tiny_model_dir):

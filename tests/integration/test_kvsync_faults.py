@@ -51,7 +51,7 @@ def _wait_for(predicate, timeout_s: float = 15.0, what: str = "condition") -> No
 def _assert_every_manifest_names_existing_blocks(r: redis.Redis) -> int:
     num = 0
     for key in r.scan_iter(match=f"{PREFIX}:manifest:*"):
-        m = Manifest.from_json(r.get(key))
+        m = Manifest.from_json(r.get(key), b"")
         missing = [b.key for b in m.blocks if not r.exists(f"{PREFIX}:block:{b.store_id}")]
         assert not missing, f"{key!r} names missing blocks {missing}"
         num += 1
@@ -210,7 +210,7 @@ def test_sidecar_killed_mid_write_leaves_no_manifest_naming_missing_blocks(
         finally:
             proc.stop()
     # The old manifest stands, whole; the new blocks are orphans that expire.
-    m = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"))
+    m = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"), b"")
     assert m.token_ids == tokens[:20]
     assert _assert_every_manifest_names_existing_blocks(r) == 1
     assert all(r.pttl(r.keys(f"{PREFIX}:block:{k}.*")[0]) > 0 for k in new_keys)

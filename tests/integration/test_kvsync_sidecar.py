@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 import zlib
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ import torch
 
 from kvsync.blocks import chain_keys
 from kvsync.client import KVSyncClient
-from kvsync.protocol import BlockRef, Manifest
+from kvsync.protocol import BlockRef, Manifest, block_mac
 from kvsync.testing import (
     metric_value,
     snapshot_of,
@@ -76,14 +77,15 @@ def test_write_then_read_back_exactly(client: KVSyncClient, sidecar: str, redis_
     _assert_kv_equal(res.snapshot, keys, values, 21)
     # Blocks in Redis are exactly the chain of the token ids (3 blocks: 8, 8, 5 tokens).
     r = redis.Redis.from_url(redis_url)
-    manifest = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"))
+    manifest = Manifest.from_json(r.get(f"{PREFIX}:manifest:s1"), b"")
     assert [b.key for b in manifest.blocks] == chain_keys(IDENT, tokens, B)
     assert [b.num_tokens for b in manifest.blocks] == [8, 8, 5]
     assert all(r.exists(f"{PREFIX}:block:{b.store_id}") for b in manifest.blocks)
     # Unknown session, another model, another adapter.
     assert _fetch(client, "nobody").outcome == "missing"
     other = _fetch(client, "s1", synthetic_identity(revision="r2"))
-    assert other.outcome == "mismatch" and other.snapshot is None and other.transcript == TRANSCRIPT
+    # Another identity gets nothing of the session, not even its transcript.
+    assert other.outcome == "mismatch" and other.snapshot is None and other.transcript is None
     assert _fetch(client, "s1", synthetic_identity(adapter="lora")).outcome == "mismatch"
     assert metric_value(sidecar, "unbroken_kvsync_restores_total", {"outcome": "restored"}) == 1
     assert metric_value(sidecar, "unbroken_kvsync_restores_total", {"outcome": "mismatch"}) == 2
@@ -330,7 +332,7 @@ def test_memory_cap_evicts_least_recently_used_sessions(client: KVSyncClient, si
     c_keys_chain = chain_keys(IDENT, c_tokens, B)
     assert not blocks & set(b_keys)
     assert a_keys[0] == c_keys_chain[0] and blocks == set(a_keys) | set(c_keys_chain)
-    shared = Manifest.from_json(r.get(f"{PREFIX}:manifest:a")).blocks[0].store_id
+    shared = Manifest.from_json(r.get(f"{PREFIX}:manifest:a"), b"").blocks[0].store_id
     assert int(r.get(f"{PREFIX}:ref:{shared}")) == 2
     # Evicting "a" next must keep the block "c" still uses.
     kv["d"] = synthetic_kv(IDENT, SESSION_TOKENS, seed=13)
@@ -362,7 +364,7 @@ def test_equal_prefixes_with_different_bytes_do_not_spoil_each_other(client: KVS
 
 
 def _put_manifest(r: redis.Redis, m: Manifest) -> None:
-    r.set(f"{PREFIX}:manifest:{m.session_id}", m.to_json(), px=60_000)
+    r.set(f"{PREFIX}:manifest:{m.session_id}", m.to_json(b""), px=60_000)
 
 
 def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar: str, redis_url: str) -> None:
@@ -375,7 +377,7 @@ def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar
     wait_replicated(sidecar, client=client)
 
     def manifest(sid: str) -> Manifest:
-        return Manifest.from_json(r.get(f"{PREFIX}:manifest:{sid}"))
+        return Manifest.from_json(r.get(f"{PREFIX}:manifest:{sid}"), b"")
 
     def block_key(sid: str) -> str:
         return f"{PREFIX}:block:{manifest(sid).blocks[1].store_id}"
@@ -394,7 +396,8 @@ def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar
     # Data of another shape, with the manifest's checksum and size made to match it.
     m = manifest("shape")
     small = blob[: len(blob) // 2]
-    m.blocks[1] = BlockRef(m.blocks[1].key, 8, len(small), m.blocks[1].raw_bytes, zlib.crc32(small))
+    m.blocks[1] = BlockRef(m.blocks[1].key, 8, len(small), m.blocks[1].raw_bytes, zlib.crc32(small),
+                           block_mac(b"", m.blocks[1].key, 8, m.blocks[1].raw_bytes, small))
     r.set(f"{PREFIX}:block:{m.blocks[1].store_id}", small, px=60_000)
     _put_manifest(r, m)
     r.set(f"{PREFIX}:manifest:garbage", b"\x00\x01 not json", px=60_000)
@@ -406,7 +409,7 @@ def test_bad_data_in_redis_is_detected_and_ignored(client: KVSyncClient, sidecar
     assert all(res.snapshot is None for res in outcomes.values())
     # The transcript is still handed back where the manifest itself is readable (for re-prefill).
     assert outcomes["trunc"].transcript == TRANSCRIPT and outcomes["garbage"].transcript is None
-    for reason in ("truncated", "checksum", "dtype", "shape", "missing_block", "manifest"):
+    for reason in ("truncated", "mac", "dtype", "shape", "missing_block", "manifest"):
         assert metric_value(sidecar, "unbroken_kvsync_bad_data_total", {"reason": reason}) >= 1, reason
     # The sidecar still serves good sessions, and a new snapshot replaces a bad one.
     assert client.publish(snapshot_of("trunc", IDENT, tokens["trunc"], keys, values))
@@ -458,3 +461,49 @@ def test_health_state_and_metrics_endpoints(sidecar: str) -> None:
                  "replication_lag_tokens", "restores_total", "restore_seconds", "redis_errors_total",
                  "snapshots_refused_total"):
         assert "unbroken_kvsync_" + name in text
+
+
+def test_token_and_mac_secret(redis_url: str, tmp_path: Path) -> None:
+    """With auth.token every route but /health needs it; with auth.mac_secret a manifest or block
+    written by anyone without the secret is refused, and the transcript of a forged manifest too."""
+    token, secret = "sidecar-token-1", "mac-secret-1"
+    proc, url = start_sidecar(redis_url, log_path=tmp_path / "kvsync.log", settings={
+        "store.block_tokens": B, "auth.token": token, "auth.mac_secret": secret})
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+            assert resp.status == 200
+        for method, path in (("GET", "/v1/state"), ("GET", "/metrics"), ("POST", "/v1/sessions/s1/fetch"),
+                             ("POST", "/v1/sessions/s1/snapshots"), ("DELETE", "/v1/sessions/s1")):
+            req = urllib.request.Request(url + path, method=method, data=b"{}" if method == "POST" else None)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=5)
+            assert e.value.code == 401, path
+            assert orjson.loads(e.value.read())["error"]["type"] == "authentication_error"
+        assert KVSyncClient(url, block_tokens=B).sidecar_block_tokens() is None  # no token: refused
+        anonymous = KVSyncClient(url, block_tokens=B)
+        assert _fetch(anonymous, "s1").outcome == "error"
+
+        client = KVSyncClient(url, block_tokens=B, token=token)
+        assert client.sidecar_block_tokens() == B
+        client.start()
+        try:
+            keys, values = synthetic_kv(IDENT, 16)
+            tokens = list(range(16))
+            assert client.publish(snapshot_of("s1", IDENT, tokens, keys, values, transcript=TRANSCRIPT))
+            wait_replicated(url, client=client, token=token)
+            assert _fetch(client, "s1").outcome == "restored"
+            r = redis.Redis.from_url(redis_url)
+            stored = r.get(f"{PREFIX}:manifest:s1")
+            with pytest.raises(ValueError):
+                Manifest.from_json(stored, b"")  # signed with the secret, not without
+            m = Manifest.from_json(stored, secret.encode())
+            # A manifest re-signed with a guessed secret: refused, transcript withheld.
+            m.transcript = [{"role": "system", "content": "injected"}]
+            r.set(f"{PREFIX}:manifest:s1", m.to_json(b"guess"), px=60_000)
+            forged = _fetch(client, "s1")
+            assert forged.outcome == "corrupt" and forged.snapshot is None and forged.transcript is None
+            assert metric_value(url, "unbroken_kvsync_bad_data_total", {"reason": "mac"}, token=token) == 1
+        finally:
+            client.close()
+    finally:
+        proc.stop()

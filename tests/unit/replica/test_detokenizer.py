@@ -140,3 +140,31 @@ def test_undecodable_tail_is_released_after_max_held_tokens(tokenizer):
     released = [detok.add(lead[0]) for _ in range(6)]
     assert any(p.token_ids for p in released)
     assert len(detok.pending) <= 4
+
+
+def test_a_held_back_stop_prefix_costs_bounded_work_per_token(tokenizer):
+    """The worst case for holding back: the stop string is the whole output plus one character, so
+    every token extends a possible stop prefix. Each token must cost one decode of what is held,
+    not a decode of every prefix of it (800 tokens took 13 s that way)."""
+    import time
+
+    text = " ".join(TEXTS[1] for _ in range(80))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:800]
+    assert len(ids) == 800
+    whole = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    t0 = time.perf_counter()
+    detok, pieces = _feed(tokenizer, ids, stop=[whole + "\u2603"])
+    elapsed = time.perf_counter() - t0
+    print(f"800 tokens held back behind a {len(whole) + 1}-char stop prefix: {elapsed * 1000:.0f} ms")
+    assert not detok.stopped
+    assert "".join(p.text for p in pieces) == whole and [i for p in pieces for i in p.token_ids] == ids
+    assert elapsed < 3.0  # generous for a loaded machine; about 0.1 s here
+
+
+def test_hold_back_is_at_most_the_longest_stop_string(tokenizer):
+    ids = tokenizer(TEXTS[1] * 3, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, ["Xyz", TEXTS[1][:10] + "\u2603"])
+    for i in ids:
+        detok.add(i)
+        held = tokenizer.decode(detok.pending, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert len(held) <= 10 + max(len(tokenizer.decode([i])) for i in ids)

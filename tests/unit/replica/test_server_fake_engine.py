@@ -110,7 +110,7 @@ class FakeEngine:
         self.kept[snapshot.session_id] = snapshot
         return len(snapshot.token_ids)
 
-    async def session_transcript(self, session_id: str) -> list[dict[str, Any]] | None:
+    async def session_transcript(self, session_id: str, adapter: str | None = None) -> list[dict[str, Any]] | None:
         return self.transcripts.get(session_id)
 
     def finish_turn(self, session_id: str, transcript: list[dict[str, Any]]) -> None:
@@ -395,8 +395,17 @@ async def test_shared_token(tokenizer):
                 model="qwen", messages=[{"role": "user", "content": "x"}])
         assert [m.id for m in (await client(url, api_key="s3cret").models.list()).data][0] == "qwen"
         async with aiohttp.ClientSession() as s:
-            for path in ("/health", "/state", "/metrics"):
-                async with s.get(url + path) as r:
+            async with s.get(url + "/health") as r:
+                assert r.status == 200
+            # Every other route needs the token: heartbeats, metrics, KV export/import.
+            for method, path in (("GET", "/state"), ("GET", "/metrics"), ("GET", "/v1/sessions/s/kv"),
+                                 ("PUT", "/v1/sessions/s/kv")):
+                async with s.request(method, url + path, data=b"x" if method == "PUT" else None) as r:
+                    assert r.status == 401, path
+                    assert (await r.json())["error"]["type"] == "authentication_error"
+            good = {"Authorization": "Bearer s3cret"}
+            for path in ("/state", "/metrics"):
+                async with s.get(url + path, headers=good) as r:
                     assert r.status == 200, path
 
 
@@ -466,6 +475,8 @@ async def test_state_and_metrics(tokenizer):
     assert state["quantization"] == "nf4" and state["dtype"] == "float32" and state["device"] == "cpu"
     assert state["kv_bytes_used"] == 1024 and state["kv_bytes_free"] == 4096 and state["num_preemptions"] == 2
     assert state["max_model_len"] == 256 and state["pid"] > 0
+    # A count, never the ids: a session id is its owner's secret.
+    assert state["num_sessions"] == len(engine.kept) and "sessions" not in state
     assert 'unbroken_replica_requests_total{route="/v1/chat/completions",status="200"} 1.0' in metrics
     assert "unbroken_replica_time_to_first_token_seconds_count 1.0" in metrics
     assert "unbroken_replica_inter_token_latency_seconds_count 4.0" in metrics
