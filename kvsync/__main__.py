@@ -12,6 +12,7 @@ from aiohttp import web
 from kvsync.config import KVSyncConfig
 from kvsync.server import create_app
 from unbroken.config import ConfigError, load_config
+from unbroken.credentials import redact_url
 
 ENV_PREFIX = "UNBROKEN_KVSYNC"
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger(__name__).info("kvsync listening on %s:%d, Redis %s", config.server.host,
-                                     config.server.port, config.redis.url)
+                                     config.server.port, redact_url(config.redis.url))
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None,
                 access_log=None)
     return 0

@@ -35,6 +35,7 @@ from kvsync.protocol import (
 from kvsync.restore import restore_session
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES, ReplicationWriter
+from unbroken.credentials import redact_url
 from unbroken.errors import InvalidRequestError, OverloadedError, PayloadTooLargeError
 from unbroken.http import error_middleware, json_response
 
@@ -79,7 +80,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             raise ConnectionError("PING failed")
     except REDIS_FAILURES as e:
         log.warning("kvsync: Redis at %s is not reachable yet (%s); serving, replication waits for it",
-                    config.redis.url, e)
+                    redact_url(config.redis.url), e)
     yield
     await writer.stop()
     await store.close()

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import orjson
 
+from unbroken.credentials import redact_url
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "unbroken:"
@@ -73,7 +75,7 @@ class RegistryAnnouncer:
         except (asyncio.TimeoutError, OSError, Exception) as e:  # noqa: BLE001 - never break serving
             if self.num_failures == 0:
                 log.warning("registry: cannot announce %s to %s (%s); retrying every %.2fs",
-                            self.key, self.redis_url, e, self.ttl_s / 3)
+                            self.key, redact_url(self.redis_url), e, self.ttl_s / 3)
             self.num_failures += 1
             return False
         if self.num_failures:
