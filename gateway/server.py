@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.degradation import DegradationController
 from gateway.health import HealthMonitor
 from gateway.metrics import GatewayMetrics, ReplicaCollector
+from gateway.openapi import openapi_spec
 from gateway.policies import RouteRequest, make_policy
 from gateway.policies.adapter_affinity import AdapterAffinityPolicy
 from gateway.policies.session_affinity import SessionAffinityPolicy
@@ -159,6 +160,7 @@ def build_app(config: GatewayConfig, num_workers: int = 1) -> web.Application:
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/admin/replicas", admin_replicas_handler)
     app.router.add_post("/admin/replicas/{replica_id}/drain", admin_drain_handler)
     return app
@@ -352,6 +354,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if not gw.config.metrics.enabled:
         raise NotFoundError("metrics are disabled")
     return web.Response(body=gw.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(openapi_spec())
 
 
 async def admin_replicas_handler(request: web.Request) -> web.Response:
