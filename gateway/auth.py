@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,12 +48,17 @@ class SessionScope:
     conversation's history or KV, and an id seen inside a replica or Redis cannot be replayed
     through the gateway (it would be derived again)."""
 
-    def __init__(self, secret: str, max_chars: int) -> None:
-        if not secret:
-            log.warning("auth.session_secret is not set: sessions are scoped with a random secret of this "
-                        "process, so they do not survive a gateway restart or move between gateways")
-        self._secret = secret.encode() if secret else os.urandom(32)
+    def __init__(self, secret: str, max_chars: int, fallback_material: str = "") -> None:
+        # Without a secret, one is derived from config every gateway of a deployment shares (the
+        # replica token, the key hashes), so workers and gateways agree and restarts keep sessions.
+        material = secret or "derived\n" + fallback_material
+        self._secret = hashlib.sha256(b"unbroken-session-scope\n" + material.encode()).digest()
         self.max_chars = max_chars
+
+    @classmethod
+    def from_config(cls, auth: AuthSection, replica_token: str) -> "SessionScope":
+        material = "\n".join([replica_token, auth.admin_key_sha256, *sorted(k.sha256 for k in auth.api_keys)])
+        return cls(auth.session_secret, auth.session_id_max_chars, material)
 
     def check(self, session_id: str) -> str:
         """The client's id, checked: 400 when too long or with characters outside ``[A-Za-z0-9._:@+=-]``."""

@@ -170,9 +170,10 @@ class AuthSection(Section):
     admin_key_sha256: str = Field("", description="Hex SHA-256 of the admin key for /admin/* (empty = admin "
                                                   "API open only when auth is disabled).")
     session_secret: str = Field("", description="HMAC key that scopes X-Session-ID to the API key (the replica "
-                                                "sees only the derived id). Set it, the same on every gateway, so "
-                                                "that sessions survive a restart and are shared between gateways; "
-                                                "empty = a random one per gateway process.")
+                                                "sees only the derived id); the same on every gateway. Empty = "
+                                                "derived from replicas.shared_token and the key hashes (the same "
+                                                "on gateways with the same config, but not secret without a "
+                                                "replica token).")
     session_id_max_chars: int = Field(128, ge=1, le=1024, description="Longest X-Session-ID accepted (400 above).")
 
 

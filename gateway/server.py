@@ -108,7 +108,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,
                    auth=Authenticator(config.auth), limiter=RateLimiter(), metrics=metrics,
                    placements=placements, policy=policy, budget=budget,
-                   sessions=SessionScope(config.auth.session_secret, config.auth.session_id_max_chars))
+                   sessions=SessionScope.from_config(config.auth, config.replicas.shared_token))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -204,7 +204,7 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         if scoped_session is not None:
             req.session_key = scoped_session
         elif req.session_key is not None:  # the body's 'user': routing only, scoped the same way
-            req.session_key = gw.sessions.derive(key, "user\n" + req.session_key)
+            req.session_key = gw.sessions.derive(key, req.session_key)
         reserve = int(req.num_prompt_chars / cfg.routing.chars_per_token) + (req.max_tokens or 0) * req.n
         try:
             lease = gw.limiter.acquire(key, reserve)
