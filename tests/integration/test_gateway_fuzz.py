@@ -25,7 +25,6 @@ from gateway.config import GatewayConfig
 from gateway.testing import RunningGateway
 from loadtest.mock_replica import MockKnobs, MockReplica
 
-KEYS = {"fuzz": "sk-fuzz", "vip": "sk-vip"}
 ADMIN = "sk-admin"
 
 
