@@ -7,11 +7,12 @@ One section per concern; every field has a default, a description and its unit i
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from typing import Any, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from unbroken.config import Section, load_config
+from unbroken.config import ConfigError, Section, load_config
 
 ENV_PREFIX = "UNBROKEN_GATEWAY"
 
@@ -27,6 +28,11 @@ class ServerSection(Section):
                                 "(its replica request is cancelled); others are never held up.")
     request_deadline_s: float = Field(300.0, gt=0, description="Default end-to-end deadline per request.")
     shutdown_timeout_s: float = Field(10.0, ge=0, description="On SIGTERM, how long running streams may finish.")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="A request body that has not fully arrived "
+                                                               "within this time is answered 408.")
+    allow_public_without_auth: bool = Field(
+        False, description="Start even when bound to a non-loopback address with auth.enabled false. Without "
+                           "it such a gateway refuses to start: every caller would share one trust domain.")
 
 
 class ReplicasSection(Section):
@@ -52,6 +58,19 @@ class RedisSection(Section):
     session_ttl_s: int = Field(3600, gt=0, description="Lifetime of a recorded session placement override.")
     op_timeout_s: float = Field(0.5, gt=0, description="Timeout for one Redis operation; Redis being slow "
                                                        "or gone never fails a request.")
+    registry_allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"],
+        description="Replica URLs found in the Redis registry are used only when their host is one of these "
+                    "(host names, IP addresses or CIDR ranges); others are skipped and counted. Redis is not "
+                    "trusted: a writer could otherwise send traffic, with the replica token, anywhere.")
+
+    @field_validator("registry_allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if "/" in h:
+                ipaddress.ip_network(h, strict=False)  # raises ValueError naming the bad range
+        return v
 
 
 class HealthSection(Section):
@@ -89,6 +108,10 @@ class RoutingSection(Section):
     kv_weight: float = Field(2.0, ge=0, description="Least-load score: weight of KV used share (0..1).")
     throughput_weight: float = Field(0.0, ge=0, description="Least-load score: bonus per 1000 tokens/s.")
     chars_per_token: float = Field(3.0, gt=0, description="Prompt size estimate for the KV headroom check.")
+    max_chars_per_token: float = Field(
+        16.0, ge=0, description="Upper bound of characters per token: a prompt whose characters divided by this "
+                                "exceed every serving replica's reported max_model_len is answered 400 "
+                                "context_length_exceeded by the gateway at once (0 = leave it to the replica).")
 
 
 class RetrySection(Section):
@@ -124,7 +147,13 @@ class ApiKeySection(Section):
     name: str = Field(..., description="A label for metrics and logs.")
     sha256: str = Field(..., description="Hex SHA-256 of the key (never the key itself).")
     requests_per_minute: int = Field(0, ge=0, description="Request limit (0 = unlimited).")
-    tokens_per_minute: int = Field(0, ge=0, description="Completion + prompt token limit (0 = unlimited).")
+    tokens_per_minute: int = Field(0, ge=0, description="Completion + prompt token limit (0 = unlimited); each "
+                                                        "request reserves its prompt estimate + max_tokens up "
+                                                        "front and is charged what it used at the end.")
+    max_concurrent_requests: int = Field(0, ge=0, description="Requests (streams included) this key may have "
+                                                              "in flight at once; more get 429 (0 = unlimited).")
+    allow_critical: bool = Field(False, description="Whether this key may send 'X-Priority: critical' (hedged, "
+                                                    "more attempts, head of the queue); others get 403.")
 
     @field_validator("sha256")
     @classmethod
@@ -140,6 +169,12 @@ class AuthSection(Section):
     api_keys: list[ApiKeySection] = Field(default_factory=list, description="Accepted keys, hashed.")
     admin_key_sha256: str = Field("", description="Hex SHA-256 of the admin key for /admin/* (empty = admin "
                                                   "API open only when auth is disabled).")
+    session_secret: str = Field("", description="HMAC key that scopes X-Session-ID to the API key (the replica "
+                                                "sees only the derived id); the same on every gateway. Empty = "
+                                                "derived from replicas.shared_token and the key hashes (the same "
+                                                "on gateways with the same config, but not secret without a "
+                                                "replica token).")
+    session_id_max_chars: int = Field(128, ge=1, le=1024, description="Longest X-Session-ID accepted (400 above).")
 
 
 class MetricsSection(Section):
@@ -170,6 +205,25 @@ class GatewayConfig(Section):
         return self
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: GatewayConfig) -> None:
+    """Refuse a gateway bound beyond loopback without auth, unless ``server.allow_public_without_auth``."""
+    if config.auth.enabled or config.server.allow_public_without_auth or is_loopback_host(config.server.host):
+        return
+    raise ConfigError(f"server.host = {config.server.host!r} is reachable from other machines and auth.enabled is "
+                      "false: anyone could use it. Turn auth on (auth.api_keys), bind to 127.0.0.1, or set "
+                      "server.allow_public_without_auth: true to run it open on purpose.")
+
+
 def sha256_hex(key: str) -> str:
     """How keys are configured: ``python -c "import hashlib;print(hashlib.sha256(b'KEY').hexdigest())"``."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -177,4 +231,6 @@ def sha256_hex(key: str) -> str:
 
 def load_gateway_config(path: str | None = None, overrides: Mapping[str, Any] | None = None,
                         environ: Mapping[str, str] | None = None) -> GatewayConfig:
-    return load_config(GatewayConfig, path, env_prefix=ENV_PREFIX, overrides=overrides, environ=environ)
+    config = load_config(GatewayConfig, path, env_prefix=ENV_PREFIX, overrides=overrides, environ=environ)
+    check_exposure(config)
+    return config

@@ -134,6 +134,7 @@ class RequestContext:
     status: int = 0
     tiers: list[str] = field(default_factory=list)
     num_completion_tokens: int = 0
+    num_prompt_tokens: int = 0  # from the replica's usage event, when the stream carries one
 
 
 class Upstream:
@@ -564,6 +565,8 @@ class Relay:
                                                        "replica_id": up.replica.replica_id}
                         elif obj.get("usage") is not None:
                             rewrite = True
+                            if isinstance(obj["usage"], dict):
+                                ctx.num_prompt_tokens = int(obj["usage"].get("prompt_tokens") or 0)
                             if resumed and transferable:
                                 usage = obj["usage"]
                                 usage["completion_tokens"] = len(sent_ids)

@@ -18,11 +18,12 @@ from typing import Any, AsyncIterator
 import orjson
 from aiohttp import web
 
-from gateway.auth import ApiKey, Authenticator, RateLimiter, run_rate_limit_sync
+from gateway.auth import Authenticator, KeyLease, RateLimiter, SessionScope, run_rate_limit_sync
 from gateway.config import GatewayConfig
 from gateway.degradation import DegradationController
 from gateway.health import HealthMonitor
 from gateway.metrics import GatewayMetrics, ReplicaCollector
+from gateway.openapi import openapi_spec
 from gateway.policies import RouteRequest, make_policy
 from gateway.policies.adapter_affinity import AdapterAffinityPolicy
 from gateway.policies.session_affinity import SessionAffinityPolicy
@@ -32,7 +33,14 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
-from unbroken.errors import ModelNotFoundError, NoReplicaError, NotFoundError, ShedError, UnbrokenError
+from unbroken.errors import (
+    ContextLengthError,
+    ModelNotFoundError,
+    NoReplicaError,
+    NotFoundError,
+    ShedError,
+    UnbrokenError,
+)
 from unbroken.http import error_middleware, error_response, json_response, read_json_body
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ class Gateway:
     limiter: RateLimiter
     metrics: GatewayMetrics
     placements: SessionPlacements
+    sessions: SessionScope
     policy: Any
     budget: RetryBudget
     redis: Any = None
@@ -98,7 +107,8 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
                                              lambda: degradation.num_inflight))
     return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,
                    auth=Authenticator(config.auth), limiter=RateLimiter(), metrics=metrics,
-                   placements=placements, policy=policy, budget=budget)
+                   placements=placements, policy=policy, budget=budget,
+                   sessions=SessionScope.from_config(config.auth, config.replicas.shared_token))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -114,7 +124,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                                      socket_connect_timeout=cfg.redis.op_timeout_s)
         gw.discovery = RegistryDiscovery(gw.replicas, gw.redis, cfg.redis.key_prefix,
                                          cfg.redis.discovery_interval_ms / 1000.0, cfg.redis.op_timeout_s,
-                                         on_drain=gw.apply_drain)
+                                         on_drain=gw.apply_drain,
+                                         allowed_hosts=cfg.redis.registry_allowed_hosts)
         gw.discovery.start()
         gw.session_sync = RedisSessionSync(gw.placements, gw.redis, cfg.redis.key_prefix, cfg.redis.session_ttl_s,
                                            cfg.redis.op_timeout_s)
@@ -149,6 +160,7 @@ def build_app(config: GatewayConfig, num_workers: int = 1) -> web.Application:
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/admin/replicas", admin_replicas_handler)
     app.router.add_post("/admin/replicas/{replica_id}/drain", admin_drain_handler)
     return app
@@ -175,8 +187,9 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         gw.metrics.auth_failures.labels(e.code or "invalid").inc()
         gw.metrics.count_request(route, e.status, "none", time.monotonic() - started)
         return error_response(e, headers=out_headers)
+    lease: KeyLease | None = None
     try:
-        body = await read_json_body(request, cfg.server.max_body_bytes)
+        body = await read_json_body(request, cfg.server.max_body_bytes, cfg.server.body_read_timeout_s)
         req = parse_request(route, body, request.headers, gw.replicas.default_model)
         if req.model not in gw.replicas.all_models:
             if not gw.replicas.all_models:
@@ -184,20 +197,55 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
                                      retry_after_s=cfg.degradation.retry_after_s)
             raise ModelNotFoundError(f"model {req.model!r} does not exist; available: "
                                      f"{', '.join(sorted(gw.replicas.known_models()))}", param="model")
+        _check_context_length(gw, req, route)
+        gw.auth.check_priority(key, req.priority)
+        session_id = request.headers.get("X-Session-ID", "").strip()
+        scoped_session = gw.sessions.derive(key, gw.sessions.check(session_id)) if session_id else None
+        if scoped_session is not None:
+            req.session_key = scoped_session
+        elif req.session_key is not None:  # the body's 'user': routing only, scoped the same way
+            req.session_key = gw.sessions.derive(key, req.session_key)
+        reserve = int(req.num_prompt_chars / cfg.routing.chars_per_token) + (req.max_tokens or 0) * req.n
         try:
-            gw.limiter.admit(key)
+            lease = gw.limiter.acquire(key, reserve)
         except UnbrokenError as e:
             gw.metrics.rate_limited.labels(key.name, e.code or "limit").inc()
             raise
         if gw.draining:
             raise NoReplicaError("the gateway is shutting down", retry_after_s=cfg.degradation.retry_after_s)
-        resp, status, replica_label = await _serve(gw, request, req, request_id, out_headers, started, key)
+        resp, status, replica_label = await _serve(gw, request, req, request_id, out_headers, started, lease,
+                                                   scoped_session)
         return resp
     except UnbrokenError as e:
         status = e.status
         return error_response(e, headers=out_headers)
     finally:
+        if lease is not None:
+            lease.release()  # a request that ended early keeps its reservation as its charge
         gw.metrics.count_request(route, status, replica_label, time.monotonic() - started)
+
+
+def max_model_len(gw: Gateway, model: str) -> int:
+    """The longest context any replica serving ``model`` reports (0 = none reported)."""
+    best = 0
+    for rep in gw.replicas:
+        if rep.report is not None and rep.serves(model):
+            best = max(best, rep.report.max_model_len)
+    return best
+
+
+def _check_context_length(gw: Gateway, req: ClientRequest, route: str) -> None:
+    """400 context_length_exceeded at once for a prompt that cannot fit any replica's context even at
+    ``routing.max_chars_per_token`` characters per token (a bound, so no prompt that fits is refused)."""
+    per_token = gw.config.routing.max_chars_per_token
+    if per_token <= 0:
+        return
+    limit = max_model_len(gw, req.model)
+    min_tokens = int(req.num_prompt_chars / per_token)
+    if limit and min_tokens >= limit:
+        raise ContextLengthError(
+            f"this model's maximum context length is {limit} tokens; the prompt ({req.num_prompt_chars} "
+            f"characters) has at least {min_tokens}", param="messages" if route == CHAT_ROUTE else "prompt")
 
 
 def _shed_reason(err: UnbrokenError) -> str:
@@ -209,7 +257,8 @@ def _shed_reason(err: UnbrokenError) -> str:
 
 
 async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,
-                 out_headers: dict[str, str], started: float, key: ApiKey) -> tuple[web.StreamResponse, int, str]:
+                 out_headers: dict[str, str], started: float, lease: KeyLease,
+                 scoped_session: str | None) -> tuple[web.StreamResponse, int, str]:
     cfg = gw.config
     deadline = started + cfg.server.request_deadline_s
     gw.budget.on_request()
@@ -230,6 +279,9 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
             v = request.headers.get(h)
             if v is not None:
                 fwd[h] = v
+        fwd.pop("X-Session-ID", None)
+        if scoped_session is not None:
+            fwd["X-Session-ID"] = scoped_session  # the replica never sees the client's own id
         route_req = RouteRequest(model=req.model,
                                  num_prompt_tokens=int(req.num_prompt_chars / cfg.routing.chars_per_token),
                                  session_key=req.session_key, adapter=req.adapter, priority=req.priority)
@@ -246,6 +298,7 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
             if e.replica is not None:
                 out_headers["X-Replica-ID"] = e.replica.replica_id
             err = e.error
+            lease.release(0)
             return error_response(err, headers=out_headers), err.status, \
                 e.replica.replica_id if e.replica else "none"
         assert ctx.replica is not None or req.stream
@@ -253,16 +306,16 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
             out_headers["X-Replica-ID"] = up.replica.replica_id
             out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
             resp = await gw.relay.relay_stream(ctx, request, up, out_headers)
-            gw.limiter.add_tokens(key, ctx.num_completion_tokens + route_req.num_prompt_tokens)
+            lease.release(ctx.num_completion_tokens + (ctx.num_prompt_tokens or route_req.num_prompt_tokens))
             return resp, ctx.status, ctx.replica.replica_id if ctx.replica else "none"
         assert ctx.replica is not None
         out_headers["X-Replica-ID"] = ctx.replica.replica_id
         out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
         out_headers["X-Unbroken-Failovers"] = "0"
-        if key.tokens_per_minute:
+        if lease.key.tokens_per_minute:
             try:
                 usage = orjson.loads(body).get("usage") or {}
-                gw.limiter.add_tokens(key, int(usage.get("total_tokens") or 0))
+                lease.release(int(usage.get("total_tokens") or 0))
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                 pass
         resp = web.Response(body=body, status=status, headers=out_headers, content_type="application/json")
@@ -301,6 +354,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if not gw.config.metrics.enabled:
         raise NotFoundError("metrics are disabled")
     return web.Response(body=gw.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(openapi_spec())
 
 
 async def admin_replicas_handler(request: web.Request) -> web.Response:

@@ -12,9 +12,9 @@ from aiohttp import web
 
 from kvsync.config import KVSyncConfig
 from kvsync.server import create_app
-from kvsync.store import redact_url
 from unbroken.access import check_exposure, is_loopback
 from unbroken.config import ConfigError, load_config
+from unbroken.credentials import redact_url
 
 ENV_PREFIX = "UNBROKEN_KVSYNC"
 

@@ -36,9 +36,10 @@ from kvsync.protocol import (
     PublishReply,
 )
 from kvsync.restore import restore_session
-from kvsync.store import KVStore, redact_url
+from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES, ReplicationWriter
 from unbroken.access import OPEN_PATHS, bearer_matches
+from unbroken.credentials import redact_url
 from unbroken.errors import AuthenticationError, InvalidRequestError, OverloadedError, PayloadTooLargeError
 from unbroken.http import error_middleware, json_response
 

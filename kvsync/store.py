@@ -283,17 +283,6 @@ class KVStore:
         return bool(await self.redis.ping())
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeout_s: float,
               socket_timeout_s: float, free: "queue.SimpleQueue[bytearray] | None" = None,
               max_value_bytes: int | None = None) -> Iterator[bytearray | None]:

@@ -150,12 +150,15 @@ def locust_command(scenario: Scenario, host: str, out_dir: Path, extra: list[str
 class _LocustProcess:
     """Locust as a child; ``references_ready`` is set when it printed that the references are made."""
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
+    def __init__(self, cmd: list[str], log_path: Path, api_key: str = "") -> None:
         self.references_ready = threading.Event()
         self.log_path = log_path
         self.lines: list[str] = []
+        env = dict(os.environ)
+        if api_key:  # by environment, never on Locust's command line
+            env["UNBROKEN_LOADTEST_API_KEY"] = api_key
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=REPO_ROOT, start_new_session=True)
+                                     cwd=REPO_ROOT, start_new_session=True, env=env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -196,7 +199,7 @@ def wait_all_healthy(stack: Stack, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if stack.all_healthy():
-            health = gateway_replica_health(stack.url)
+            health = gateway_replica_health(stack.url, admin_key=stack.admin_key)
             if health is None or (health and all(health.values())):
                 return True
         time.sleep(0.2)
@@ -230,7 +233,7 @@ def run_scenario(stack: Stack, scenario: Scenario, report_dir: str | Path, *, co
         (out / name).unlink(missing_ok=True)
     injector = FaultInjector(stack)
     counters_before = stack_counters(stack)
-    locust = _LocustProcess(locust_command(scenario, stack.url, out), out / "locust.log")
+    locust = _LocustProcess(locust_command(scenario, stack.url, out), out / "locust.log", api_key=stack.api_key)
     errors: list[str] = []
     runner: ScenarioRunner | None = None
     rc: int | None = None

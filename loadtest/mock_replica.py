@@ -97,6 +97,7 @@ class MockReplica:
         self.num_tokens = 0
         self.last_resume_len = 0
         self.seen_request_ids: list[str] = []
+        self.last_session_id: str | None = None  # the X-Session-ID the gateway forwarded last
         self.host = "127.0.0.1"
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -234,6 +235,7 @@ class MockReplica:
         rid = request.headers.get("X-Request-ID")
         if rid is not None and len(self.seen_request_ids) < 10_000:
             self.seen_request_ids.append(rid)
+        self.last_session_id = request.headers.get("X-Session-ID")
         if self.shared_token and request.headers.get("Authorization") != f"Bearer {self.shared_token}":
             self.num_auth_failures += 1
             return self._error(401, "bad replica token", "invalid_api_key", "authentication_error")

@@ -167,10 +167,13 @@ def replica_healthy(entry: dict[str, Any]) -> bool:
     return True
 
 
-def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5) -> dict[str, bool] | None:
+def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5,
+                           admin_key: str = "") -> dict[str, bool] | None:
     """``{replica id or url: healthy}`` from the gateway's admin view; None when unreachable."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     try:
-        with urllib.request.urlopen(gateway_url + "/admin/replicas", timeout=timeout_s) as r:
+        with urllib.request.urlopen(urllib.request.Request(gateway_url + "/admin/replicas", headers=headers),
+                                    timeout=timeout_s) as r:
             payload = orjson.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -184,11 +187,11 @@ def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5) -> dict[str
 
 
 def watch_detection(gateway_url: str, names: list[str], rec: FaultRecord, timeout_s: float = 10.0,
-                    interval_s: float = 0.02) -> None:
+                    interval_s: float = 0.02, admin_key: str = "") -> None:
     """Poll the gateway until any of ``names`` is reported unhealthy; set ``rec.detected_at_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        health = gateway_replica_health(gateway_url)
+        health = gateway_replica_health(gateway_url, admin_key=admin_key)
         if health is not None and any(health.get(n.rstrip("/")) is False for n in names):
             rec.detected_at_s = time.time()
             return
@@ -276,7 +279,8 @@ class ScenarioRunner:
         if step.detected and self.gateway_url and rec is not None:
             r = inj.stack.replica(step.target)
             names = [r.replica_id, r.url, r.direct_url]
-            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec), daemon=True)
+            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec),
+                                 kwargs={"admin_key": inj.stack.admin_key}, daemon=True)
             w.start()
             self._watchers.append(w)
 

@@ -1,6 +1,7 @@
 """Announce this replica in the Redis registry so gateways find it.
 
-Key ``unbroken:replica:{replica_id}``: a JSON string ``{"replica_id", "url", "model", "adapters",
+Key ``{key_prefix}replica:{replica_id}`` (``registry.key_prefix``, ``unbroken:`` by default, the
+gateway's ``redis.key_prefix``): a JSON string ``{"replica_id", "url", "model", "adapters",
 "started_at_s"}`` set with ``PX`` = ttl and renewed every ttl/3; deleted on clean shutdown (or
 when draining begins), so gateways drop the replica at once instead of after the ttl.
 
@@ -16,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 
 import orjson
 
+from unbroken.credentials import redact_url
+
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "unbroken:replica:"
+KEY_PREFIX = "unbroken:"
 
 
-def registry_key(replica_id: str) -> str:
-    return KEY_PREFIX + replica_id
+def registry_key(replica_id: str, key_prefix: str = KEY_PREFIX) -> str:
+    return f"{key_prefix}replica:{replica_id}"
 
 
 @dataclass
@@ -43,12 +46,12 @@ class RegistryAnnouncer:
     """Owns one redis.asyncio client and one renewal task."""
 
     def __init__(self, redis_url: str, announcement: ReplicaAnnouncement, ttl_s: float,
-                 op_timeout_s: float = 1.0) -> None:
+                 op_timeout_s: float = 1.0, key_prefix: str = KEY_PREFIX) -> None:
         self.redis_url = redis_url
         self.announcement = announcement
         self.ttl_s = ttl_s
         self.op_timeout_s = min(op_timeout_s, max(0.05, ttl_s / 3))
-        self.key = registry_key(announcement.replica_id)
+        self.key = registry_key(announcement.replica_id, key_prefix)
         self.num_failures = 0
         self.num_renewals = 0
         self._client = None
@@ -72,7 +75,7 @@ class RegistryAnnouncer:
         except (asyncio.TimeoutError, OSError, Exception) as e:  # noqa: BLE001 - never break serving
             if self.num_failures == 0:
                 log.warning("registry: cannot announce %s to %s (%s); retrying every %.2fs",
-                            self.key, self.redis_url, e, self.ttl_s / 3)
+                            self.key, redact_url(self.redis_url), e, self.ttl_s / 3)
             self.num_failures += 1
             return False
         if self.num_failures:

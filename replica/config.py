@@ -75,6 +75,8 @@ class RegistrySection(Section):
     redis_url: str = Field("", description="Announce this replica in Redis for gateways to find (empty = off).")
     advertise_url: str = Field("", description="URL gateways use to reach this replica; empty = http://host:port.")
     ttl_s: float = Field(3.0, gt=0, description="Registration lifetime; renewed every ttl_s/3.")
+    key_prefix: str = Field("unbroken:", description="Prefix of the registry key (the gateway's redis.key_prefix), "
+                                                     "so that two deployments can share one Redis.")
 
 
 class ReplicaConfig(Section):

@@ -115,7 +115,7 @@ class ReplicaRuntime:
                     adapters=list(self.engine.adapter_names),
                     started_at_s=self.started_at_s,
                 ),
-                ttl_s=reg.ttl_s,
+                ttl_s=reg.ttl_s, key_prefix=reg.key_prefix,
             )
             self.announcer.start()
 

@@ -79,6 +79,13 @@ class PayloadTooLargeError(ClientError):
     code = "payload_too_large"
 
 
+class RequestTimeoutError(ClientError):
+    """The client did not send its whole request body in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class ModelNotFoundError(ClientError):
     status = 404
     code = "model_not_found"
@@ -164,6 +171,7 @@ for _cls in (
     ValidationError,
     ContextLengthError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ModelNotFoundError,
     NotFoundError,
     AuthenticationError,

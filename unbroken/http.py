@@ -6,6 +6,7 @@ The one place where :class:`~unbroken.errors.UnbrokenError` becomes OpenAI's err
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -17,6 +18,7 @@ from unbroken.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnbrokenError,
 )
 
@@ -42,15 +44,34 @@ def sse_error_event(err: UnbrokenError) -> bytes:
     return b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
 
 
-async def read_json_body(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
-    """Read and parse a JSON object body, raising 413/400 errors a client can act on."""
+async def read_body(request: web.Request, max_body_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, up to ``max_body_bytes``: 413 above it (from Content-Length before reading, or
+    as soon as more arrives), 408 when it does not arrive within ``timeout_s``."""
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise PayloadTooLargeError(
             f"request body of {request.content_length} bytes exceeds the limit of {max_body_bytes}"
         )
-    raw = await request.content.read(max_body_bytes + 1)
-    if len(raw) > max_body_bytes:
-        raise PayloadTooLargeError(f"request body exceeds the limit of {max_body_bytes} bytes")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                chunk = await request.content.read(max_body_bytes + 1 - size)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise PayloadTooLargeError(f"request body exceeds the limit of {max_body_bytes} bytes")
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout_s} s") from None
+    return b"".join(parts)
+
+
+async def read_json_body(request: web.Request, max_body_bytes: int,
+                         timeout_s: float | None = None) -> dict[str, Any]:
+    """Read and parse a JSON object body, raising 413/408/400 errors a client can act on."""
+    raw = await read_body(request, max_body_bytes, timeout_s)
     if not raw:
         raise InvalidRequestError("request body is empty; expected a JSON object")
     try:

@@ -8,6 +8,13 @@ It waits until every replica answers ``/health`` and the gateway ``/readyz``, pr
 curl example, and on Ctrl-C / SIGTERM stops everything it started, by pid: gateway, replicas and
 sidecars first, Redis last. Every process logs to ``<run_dir>/<name>.log``.
 
+Secure by default (``security.auth``): on first run it makes an API key, an admin key, a replica
+token, a sidecar token, a kvsync HMAC secret, a session secret and a Redis password
+(:mod:`unbroken.credentials`; files of mode 0600 in ``security.secrets_dir``), prints them once,
+and turns auth on everywhere. They reach the children through ``UNBROKEN_<PROCESS>__<SECTION>__<FIELD>``
+environment variables and Redis's password through a config file, never argv; ``stack.json`` and the
+logs carry no secret (Redis URLs are redacted).
+
 The chaos tests and ``python -m loadtest.chaos`` use :class:`Stack` directly, so the fault
 injector can reach each process (:attr:`Stack.replicas`, :attr:`Stack.gateway`, ...).
 """
@@ -15,6 +22,7 @@ injector can reach each process (:attr:`Stack.replicas`, :attr:`Stack.gateway`, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import signal
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from unbroken.config import ConfigError, Section, load_config
+from unbroken.credentials import StackSecrets, load_or_create, redact_url, write_private_file
 from unbroken.procs import ManagedProcess, free_port, http_ok, python_module_cmd, start_redis
 
 if TYPE_CHECKING:
@@ -47,8 +56,8 @@ class ReplicasSection(Section):
                                                             "there when it is missing.")
     config_path: str = Field("", description="Replica YAML passed as --config (empty = the replica's defaults).")
     quantization: str = Field("nf4", description="nf4 | none.")
-    shared_token: str = Field("", description="Gateway<->replica token, handed to each replica in its "
-                                              "environment (empty = none); give the gateway the same token.")
+    shared_token: str = Field("", description="Gateway<->replica token (empty = the generated one when "
+                                              "security.auth, else none); given to both by environment.")
     announce_in_redis: bool = Field(False, description="Also announce replicas in the Redis registry "
                                                        "(--registry-redis-url); the gateway gets static URLs either way.")
     ready_timeout_s: float = Field(240.0, gt=0, description="Longest wait for a replica's /health.")
@@ -61,10 +70,6 @@ class KVSyncSection(Section):
     enabled: bool = Field(True, description="Start a kvsync sidecar per replica (when the package exists).")
     config_path: str = Field("", description="kvsync YAML passed as --config (empty = defaults).")
     ready_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a sidecar's /health.")
-    token: str = Field("", description="Replica<->sidecar token (the sidecar's auth.token, the replica's "
-                                       "kvsync.token), handed to both in their environment (empty = none).")
-    mac_secret: str = Field("", description="Key of the MAC on KV in Redis (the sidecars' auth.mac_secret), "
-                                            "handed over in the environment (empty = none).")
 
 
 class GatewaySection(Section):
@@ -80,6 +85,16 @@ class FaultProxySection(Section):
                                              "replica and give the gateway the proxy's URL.")
 
 
+class SecuritySection(Section):
+    auth: bool = Field(True, description="Make (on first run) and use an API key, an admin key, a replica token, a "
+                                         "sidecar token, a kvsync HMAC secret, a session secret and a Redis "
+                                         "password, and turn auth on. Off: no auth anywhere, every caller shares "
+                                         "one trust domain (loopback only).")
+    secrets_dir: str = Field("", description="Where the secrets are kept (mode 0600 files); empty = "
+                                             "<run_dir>/secrets when the run directory is given, else "
+                                             "<runs_dir>/secrets, so that every `unbroken up` reuses them.")
+
+
 class RunSection(Section):
     runs_dir: str = Field("runs", description="Run directories (logs, stack.json) are made under this folder.")
     stop_timeout_s: float = Field(15.0, gt=0, description="SIGTERM grace per process before SIGKILL.")
@@ -93,6 +108,7 @@ class StackConfig(Section):
     kvsync: KVSyncSection = Field(default_factory=KVSyncSection)
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     fault_proxy: FaultProxySection = Field(default_factory=FaultProxySection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
     run: RunSection = Field(default_factory=RunSection)
 
 
@@ -118,6 +134,11 @@ class ReplicaHandle:
         return self.proxy.url if self.proxy is not None else self.direct_url
 
 
+def _env_str(value: str) -> str:
+    """A string for an env override (whose value is parsed as YAML): quoted, so it stays a string."""
+    return json.dumps(value)
+
+
 def kvsync_available() -> bool:
     """Whether ``python -m kvsync`` can run here (installed, or in the working directory)."""
     try:
@@ -134,6 +155,12 @@ class Stack:
         self.config = config or StackConfig()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir) if run_dir else Path(self.config.run.runs_dir) / f"stack-{stamp}"
+        sec = self.config.security
+        self.secrets_dir = Path(sec.secrets_dir) if sec.secrets_dir else (
+            self.run_dir / "secrets" if run_dir else Path(self.config.run.runs_dir) / "secrets")
+        self.secrets: StackSecrets | None = None
+        self.secrets_created: list[str] = []  # the names made by this start (printed once by `unbroken up`)
+        self._redis_conf: Path | None = None
         self.progress = progress
         self.redis: ManagedProcess | None = None
         self.redis_url = self.config.redis.url
@@ -148,6 +175,25 @@ class Stack:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.gateway_port}"
+
+    @property
+    def api_key(self) -> str:
+        """The key clients send (``Authorization: Bearer ...``); empty when security.auth is off."""
+        return self.secrets.api_key if self.secrets else ""
+
+    @property
+    def admin_key(self) -> str:
+        """The key for ``/admin/*``; empty when security.auth is off."""
+        return self.secrets.admin_key if self.secrets else ""
+
+    @property
+    def replica_token(self) -> str:
+        """The gateway's token for the replicas (empty = none)."""
+        return self.config.replicas.shared_token or (self.secrets.replica_token if self.secrets else "")
+
+    def auth_headers(self, admin: bool = False) -> dict[str, str]:
+        key = self.admin_key if admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def model_path(self) -> Path:
@@ -182,6 +228,7 @@ class Stack:
         """Start everything and wait until it is ready; on failure stop what was started."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.load_secrets()
             self._start_redis()
             self._ensure_model()
             for i in range(self.config.replicas.count):
@@ -216,12 +263,20 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def load_secrets(self) -> StackSecrets | None:
+        """Read (or make, on first use) the stack's secrets when security.auth is on."""
+        if self.config.security.auth and self.secrets is None:
+            self.secrets, self.secrets_created = load_or_create(self.secrets_dir)
+        return self.secrets
+
     def write_manifest(self) -> Path:
-        """``<run_dir>/stack.json``: URLs, ports and pids, for tools and for the operator."""
+        """``<run_dir>/stack.json``: URLs, ports and pids, for tools and for the operator (no secret)."""
         data: dict[str, Any] = {
             "gateway_url": self.url,
             "gateway_pid": self.gateway.pid if self.gateway and self.gateway.proc else None,
-            "redis_url": self.redis_url,
+            "redis_url": redact_url(self.redis_url),
+            "auth": self.secrets is not None,
+            "secrets_dir": str(self.secrets_dir) if self.secrets is not None else None,
             "redis_pid": self.redis.pid if self.redis and self.redis.proc else None,
             "replicas": [
                 {"replica_id": r.replica_id, "url": r.direct_url, "gateway_url": r.url,
@@ -243,9 +298,13 @@ class Stack:
     def _start_redis(self) -> None:
         if self.redis_url:
             return
-        self.redis, self.redis_url = start_redis(port=self.redis_port or None, log_path=self._log("redis"))
+        password = self.secrets.redis_password if self.secrets else ""
+        if password:  # requirepass goes in a private config file: never on redis-server's command line
+            self._redis_conf = write_private_file(self.secrets_dir / "redis.conf", f"requirepass {password}\n")
+        self.redis, self.redis_url = start_redis(port=self.redis_port or None, log_path=self._log("redis"),
+                                                 config_file=self._redis_conf, password=password)
         self.redis_port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
-        self.progress(f"redis      {self.redis_url} (pid {self.redis.pid})")
+        self.progress(f"redis      {redact_url(self.redis_url)} (pid {self.redis.pid})")
 
     def restart_redis(self) -> None:
         """Start our redis-server again on the same port (after a kill)."""
@@ -253,7 +312,8 @@ class Stack:
             raise RuntimeError("this stack does not own its Redis")
         if self.redis.alive():
             self.redis.stop()
-        self.redis, _ = start_redis(port=self.redis_port, log_path=self._log("redis"))
+        self.redis, _ = start_redis(port=self.redis_port, log_path=self._log("redis"), config_file=self._redis_conf,
+                                    password=self.secrets.redis_password if self._redis_conf and self.secrets else "")
 
     def _ensure_model(self) -> None:
         if (self.model_path / "config.json").is_file():
@@ -271,22 +331,34 @@ class Stack:
         if cfg.config_path:
             args += ["--config", cfg.config_path]
         env = dict(cfg.env)
-        if cfg.shared_token:  # secrets travel in the environment, never on argv
-            env["UNBROKEN_REPLICA__SERVER__SHARED_TOKEN"] = cfg.shared_token
-        if self.config.kvsync.token:
-            env["UNBROKEN_REPLICA__KVSYNC__TOKEN"] = self.config.kvsync.token
+        env.update(self._replica_secret_env())
         if cfg.num_threads:
             env.setdefault("UNBROKEN_REPLICA__MODEL__NUM_THREADS", str(cfg.num_threads))
             env.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
         if kvsync_port:
             args += ["--kvsync-url", f"http://{LOOPBACK}:{kvsync_port}"]
         if cfg.announce_in_redis and self.redis_url:
-            args += ["--registry-redis-url", self.redis_url]
+            env["UNBROKEN_REPLICA__REGISTRY__REDIS_URL"] = _env_str(self.redis_url)
             env.setdefault("UNBROKEN_REPLICA__REGISTRY__ADVERTISE_URL", advertise_url)
         return ManagedProcess(
             replica_id, python_module_cmd("replica", *args), log_path=self._log(replica_id), env=env,
             ready_url=f"http://{LOOPBACK}:{port}/health",
         )
+
+    def _replica_secret_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.replica_token:
+            env["UNBROKEN_REPLICA__SERVER__SHARED_TOKEN"] = _env_str(self.replica_token)
+        if self.secrets is not None:
+            env["UNBROKEN_REPLICA__KVSYNC__TOKEN"] = _env_str(self.secrets.sidecar_token)
+        return env
+
+    def _kvsync_env(self) -> dict[str, str]:
+        env = {"UNBROKEN_KVSYNC__REDIS__URL": _env_str(self.redis_url)}
+        if self.secrets is not None:
+            env["UNBROKEN_KVSYNC__AUTH__TOKEN"] = _env_str(self.secrets.sidecar_token)
+            env["UNBROKEN_KVSYNC__AUTH__MAC_SECRET"] = _env_str(self.secrets.kvsync_hmac_secret)
+        return env
 
     def _start_replica(self, index: int) -> ReplicaHandle:
         replica_id = f"r{index}"
@@ -295,17 +367,12 @@ class Stack:
         self.replicas.append(handle)  # registered first, so stop() ends whatever starts below
         if self.config.kvsync.enabled and kvsync_available():
             handle.kvsync_port = free_port()
-            kargs = ["--port", str(handle.kvsync_port), "--redis-url", self.redis_url]
+            kargs = ["--port", str(handle.kvsync_port)]
             if self.config.kvsync.config_path:
                 kargs += ["--config", self.config.kvsync.config_path]
-            kenv = {}
-            if self.config.kvsync.token:
-                kenv["UNBROKEN_KVSYNC__AUTH__TOKEN"] = self.config.kvsync.token
-            if self.config.kvsync.mac_secret:
-                kenv["UNBROKEN_KVSYNC__AUTH__MAC_SECRET"] = self.config.kvsync.mac_secret
             handle.kvsync = ManagedProcess(
                 f"kvsync-{replica_id}", python_module_cmd("kvsync", *kargs),
-                log_path=self._log(f"kvsync-{replica_id}"), env=kenv,
+                log_path=self._log(f"kvsync-{replica_id}"), env=self._kvsync_env(),
                 ready_url=f"http://{LOOPBACK}:{handle.kvsync_port}/health",
             ).start()
         if self.config.fault_proxy.enabled:
@@ -332,20 +399,32 @@ class Stack:
         r.process = self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port, r.url).start()
         if r.kvsync is not None and not r.kvsync.alive():
             r.kvsync = ManagedProcess(r.kvsync.name, r.kvsync.cmd, log_path=r.kvsync.log_path,
-                                      env=r.kvsync.env, ready_url=r.kvsync.ready_url).start()
+                                      env=self._kvsync_env(), ready_url=r.kvsync.ready_url).start()
         if wait:
             self._wait_replica(r)
         return r
 
     def _gateway_process(self) -> ManagedProcess:
         cfg = self.config.gateway
-        args = ["--port", str(self.gateway_port), "--host", LOOPBACK, "--redis-url", self.redis_url,
-                "--workers", str(cfg.workers)]
+        args = ["--port", str(self.gateway_port), "--host", LOOPBACK, "--workers", str(cfg.workers)]
         for r in self.replicas:
             args += ["--replica", r.url]
         if cfg.config_path:
             args += ["--config", cfg.config_path]
         env = dict(cfg.env)
+        env["UNBROKEN_GATEWAY__REDIS__URL"] = _env_str(self.redis_url)
+        if self.replica_token:
+            env["UNBROKEN_GATEWAY__REPLICAS__SHARED_TOKEN"] = _env_str(self.replica_token)
+        if self.secrets is not None:
+            keys = [{"name": "default", "sha256": hashlib.sha256(self.secrets.api_key.encode()).hexdigest(),
+                     "allow_critical": True}]
+            env.update({
+                "UNBROKEN_GATEWAY__AUTH__ENABLED": "true",
+                "UNBROKEN_GATEWAY__AUTH__API_KEYS": json.dumps(keys),
+                "UNBROKEN_GATEWAY__AUTH__ADMIN_KEY_SHA256": _env_str(
+                    hashlib.sha256(self.secrets.admin_key.encode()).hexdigest()),
+                "UNBROKEN_GATEWAY__AUTH__SESSION_SECRET": _env_str(self.secrets.session_secret),
+            })
         return ManagedProcess("gateway", python_module_cmd("gateway", *args), log_path=self._log("gateway"),
                               env=env, ready_url=f"http://{LOOPBACK}:{self.gateway_port}/readyz")
 
@@ -366,6 +445,31 @@ class Stack:
     def all_healthy(self) -> bool:
         ok = all(http_ok(r.direct_url + "/health") for r in self.replicas)
         return ok and http_ok(self.url + "/readyz")
+
+
+def _ready_text(stack: Stack) -> str:
+    """What `unbroken up` prints when ready: the URL, how to call it, and (once) the new secrets."""
+    lines = [f"\nready: {stack.url}"]
+    auth = ""
+    if stack.secrets is not None:
+        key_file = stack.secrets_dir / "api_key"
+        auth = f" -H \"Authorization: Bearer $(cat {key_file})\""
+        if stack.secrets_created:
+            lines += [f"secrets made now, kept (mode 0600) in {stack.secrets_dir}/; shown this once:",
+                      f"  API key    {stack.secrets.api_key}   (clients: Authorization: Bearer KEY, "
+                      "or OPENAI_API_KEY for the openai SDK)",
+                      f"  admin key  {stack.secrets.admin_key}   (/admin/*)",
+                      "  replica token, sidecar token, kvsync HMAC secret, session secret, Redis password: "
+                      "in the files there (the stack passes them to its processes)"]
+        else:
+            lines.append(f"auth on; keys in {stack.secrets_dir}/ (api_key, admin_key, ...)")
+    else:
+        lines.append("auth OFF (security.auth: false): every caller shares one trust domain")
+    lines += [f"  curl -s {stack.url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+              "    -d '{\"model\": \"qwen\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], "
+              "\"max_tokens\": 16}'",
+              "Ctrl-C stops everything."]
+    return "\n".join(lines)
 
 
 def load_stack_config(path: str | None, overrides: dict[str, Any] | None = None) -> StackConfig:
@@ -406,11 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"unbroken up: the stack did not come up: {e}", file=sys.stderr)
         return 1
-    print(f"\nready: {stack.url}\n"
-          f"  curl -s {stack.url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"model\": \"qwen\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
-          f"\"max_tokens\": 16}}'\n"
-          f"Ctrl-C stops everything.", flush=True)
+    print(_ready_text(stack), flush=True)
     try:
         while not stop.wait(1.0):
             for p in stack.processes():

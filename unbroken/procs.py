@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import quote
 
 
 def free_port() -> int:
@@ -129,17 +130,21 @@ def python_module_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def redis_server_cmd(port: int, extra: Sequence[str] = ()) -> list[str]:
-    """A throwaway redis-server on 127.0.0.1:port that keeps nothing on disk."""
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", *extra]
+def redis_server_cmd(port: int, extra: Sequence[str] = (), config_file: str | Path | None = None) -> list[str]:
+    """A throwaway redis-server on 127.0.0.1:port that keeps nothing on disk. Secrets (``requirepass``)
+    go in ``config_file``, never on this command line."""
+    head = ["redis-server", str(config_file)] if config_file else ["redis-server"]
+    return [*head, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
 
 
 def start_redis(port: int | None = None, log_path: str | Path | None = None,
-                extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
+                extra: Sequence[str] = (), config_file: str | Path | None = None,
+                password: str = "") -> tuple[ManagedProcess, str]:
+    """Start a redis-server; the URL returned carries ``password`` (which ``config_file`` must set)."""
     port = port or free_port()
-    proc = ManagedProcess("redis", redis_server_cmd(port, extra), log_path=log_path).start()
+    proc = ManagedProcess("redis", redis_server_cmd(port, extra, config_file), log_path=log_path).start()
     if not wait_for_port("127.0.0.1", port, 10.0):
         proc.stop()
         raise RuntimeError(f"redis-server did not open port {port}:\n{proc.log_tail()}")
-    return proc, f"redis://127.0.0.1:{port}/0"
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return proc, f"redis://{auth}127.0.0.1:{port}/0"

@@ -46,7 +46,7 @@ def healthy(stack: Stack) -> Stack:
 
 
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, max_retries=0, timeout=120)
 
 
 def chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:

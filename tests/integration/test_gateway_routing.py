@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.auth import ANONYMOUS
 from gateway.config import GatewayConfig
 from gateway.testing import RunningGateway
 from loadtest.mock_replica import MockReplica
@@ -73,7 +74,8 @@ async def test_sessions_stick_move_when_their_replica_fails_and_stay_shared_thro
             await victim.start(port=victim.port)  # it comes back on the same address
             await _wait(lambda: gw1.gateway.replicas.find(victim_id).state.value == "healthy")
             await _wait(lambda: gw2.gateway.replicas.find(victim_id).state.value == "healthy")
-            await _wait(lambda: all(gw2.gateway.placements.get(k) for k in sessions if home[k] == victim_id))
+            scoped = {k: gw2.gateway.sessions.derive(ANONYMOUS, k) for k in sessions}  # the key placements use
+            await _wait(lambda: all(gw2.gateway.placements.get(scoped[k]) for k in sessions if home[k] == victim_id))
             for k in sessions:  # moved sessions stay where they went, on both gateways
                 assert await _served_by(s, gw1.url, k) == moved[k]
                 assert await _served_by(s, gw2.url, k) == moved[k]

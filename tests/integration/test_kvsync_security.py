@@ -13,7 +13,8 @@ import pytest
 from kvsync.blocks import Block
 from kvsync.config import RedisSection, StoreSection
 from kvsync.protocol import BlockRef
-from kvsync.store import KVStore, redact_url
+from kvsync.store import KVStore
+from unbroken.credentials import redact_url
 from unbroken.access import is_loopback
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd, start_redis
 
