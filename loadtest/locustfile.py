@@ -22,6 +22,7 @@ import os
 import threading
 import time
 
+import gevent
 import orjson
 from locust import HttpUser, between, events, task
 from locust.env import Environment
@@ -84,7 +85,9 @@ def _build_references(environment: Environment, **_kw: object) -> None:
         print(f"loadtest: could not build the reference answers from {cfg.base_url}: {e}", flush=True)
         environment.process_exit_code = 3
         if environment.runner is not None:
-            environment.runner.quit()
+            # Not from inside this listener: the runner is still starting, and quitting it from
+            # here leaves the process waiting for its -t run time instead of exiting.
+            gevent.spawn(environment.runner.quit)
         return
     print(f"loadtest: references ready in {time.monotonic() - t0:.1f}s "
           f"({len(book.singles)} prompts, {len(book.conversations)} conversations)", flush=True)
@@ -96,8 +99,6 @@ def _build_references(environment: Environment, **_kw: object) -> None:
             f.write(orjson.dumps(book.to_dict()))
     duration_s = getattr(opts, "load_duration_s", 0.0)
     if duration_s > 0 and environment.runner is not None:
-        import gevent
-
         def finish() -> None:
             # stop() lets running tasks finish (--stop-timeout); quit() ends the headless run.
             environment.runner.stop()
