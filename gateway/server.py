@@ -32,12 +32,13 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
+from unbroken.contract import headers as hdr
 from unbroken.errors import ModelNotFoundError, NoReplicaError, NotFoundError, ShedError, UnbrokenError
 from unbroken.http import error_middleware, error_response, json_response, read_json_body
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("X-Session-ID", "X-Session-History", "X-Priority")
+_FORWARDED_HEADERS = hdr.FORWARDED
 
 
 @dataclass
