@@ -33,6 +33,7 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
+from unbroken.contract import headers as hdr
 from unbroken.errors import (
     ContextLengthError,
     ModelNotFoundError,
@@ -45,7 +46,7 @@ from unbroken.http import error_middleware, error_response, json_response, read_
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("X-Session-ID", "X-Session-History", "X-Priority")
+_FORWARDED_HEADERS = hdr.FORWARDED
 
 
 @dataclass
@@ -205,7 +206,7 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
             req.session_key = scoped_session
         elif req.session_key is not None:  # the body's 'user': routing only, scoped the same way
             req.session_key = gw.sessions.derive(key, req.session_key)
-        reserve = int(req.num_prompt_chars / cfg.routing.chars_per_token) + (req.max_tokens or 0) * req.n
+        reserve = int(req.num_prompt_chars / cfg.routing.chars_per_token) + (req.max_tokens or 0)
         try:
             lease = gw.limiter.acquire(key, reserve)
         except UnbrokenError as e:

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import orjson
 import torch
 
-from replica.protocol import KVIdentity, KVSnapshot
 from unbroken.access import auth_header
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -237,7 +237,7 @@ def test_session_bookkeeping_keyed_by_clients_is_bounded(loaded, tiny_model_dir)
     requests = [GenerationRequest(f"r{i}", _ids(loaded, "a"), _greedy(1), session_id=f"s{i}") for i in range(12)]
     _run(engine, requests, arrive_every_steps=0)
     assert len(engine.scheduler.sessions) <= 2
-    assert len(engine.published_tokens) <= 2 + 2  # kept sessions + running rows, never one per client id
+    assert len(engine.replicator.published_tokens) <= 2 + 2  # kept sessions + running rows, never one per client id
 
 
 def test_seeded_sampling_resumes_exactly(loaded, tiny_model_dir):
@@ -382,6 +382,9 @@ class _FakeKVSync:
 
     def too_large(self, session_id) -> bool:
         return session_id in self.too_large_sessions
+
+    def needs_full(self, session_id) -> bool:
+        return False
 
     def publish(self, snapshot) -> bool:
         self.published.append(snapshot)
