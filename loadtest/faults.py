@@ -135,6 +135,14 @@ class FaultInjector:
         self._end("kill_replica", r.replica_id)
         return handle
 
+    def heal_kill(self, which: int | str, wait: bool = True) -> None:
+        """End a kill: start the replica again unless it runs already (its supervisor restarted it)."""
+        r = self._replica(which)
+        if r.process.alive():
+            self._end("kill_replica", r.replica_id)
+        else:
+            self.restart_replica(which, wait=wait)
+
     def stop_replica(self, which: int | str) -> FaultRecord:
         """SIGSTOP: the replica hangs with its sockets open."""
         r = self._replica(which)
@@ -218,7 +226,7 @@ class FaultInjector:
 
     def heal_one(self, rec: FaultRecord, wait: bool = True) -> None:
         if rec.action == "kill_replica":
-            self.restart_replica(rec.target, wait=wait)
+            self.heal_kill(rec.target, wait=wait)
         elif rec.action == "stop_replica":
             self.cont_replica(rec.target)
         elif rec.action == "proxy_fault":

@@ -283,7 +283,7 @@ class ScenarioRunner:
     def _heal(self, step: FaultStep) -> None:
         inj = self.injector
         if step.action == "kill_replica":
-            inj.restart_replica(step.target, wait=False)
+            inj.heal_kill(step.target, wait=False)
         elif step.action == "stop_replica":
             inj.cont_replica(step.target)
         elif step.action == "proxy_fault":

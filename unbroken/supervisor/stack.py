@@ -28,7 +28,8 @@ class ReplicaTarget:
         self.stack.replica(self.name).process.kill()
 
     def start(self) -> None:
-        self.stack.restart_replica(self.name, wait=False)
+        if not self.alive():  # someone (a test, a fault's heal) may have started it already
+            self.stack.restart_replica(self.name, wait=False)
 
 
 class KVSyncTarget:
