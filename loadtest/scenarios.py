@@ -39,10 +39,10 @@ from unbroken.config import ConfigError, Section
 log = logging.getLogger(__name__)
 
 Action = Literal["kill_replica", "stop_replica", "proxy_fault", "reset_connections", "kill_redis",
-                 "restart_gateway", "kill_kvsync"]
+                 "restart_gateway", "kill_kvsync", "crash_loop"]
 
 # Faults after which the gateway must mark the target replica unhealthy (detection is timed).
-DETECTED_ACTIONS = {"kill_replica", "stop_replica"}
+DETECTED_ACTIONS = {"kill_replica", "stop_replica", "crash_loop"}
 
 
 class FaultStep(Section):
@@ -183,14 +183,36 @@ def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5) -> dict[str
     return out
 
 
+def gateway_capacity(gateway_url: str, timeout_s: float = 0.5) -> int | None:
+    """Replicas in rotation (state ``healthy``) by the gateway's admin view; None when unreachable."""
+    try:
+        with urllib.request.urlopen(gateway_url + "/admin/replicas", timeout=timeout_s) as r:
+            payload = orjson.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return sum(1 for e in _replica_entries(payload) if str(e.get("state", "")).lower() == "healthy")
+
+
 def watch_detection(gateway_url: str, names: list[str], rec: FaultRecord, timeout_s: float = 10.0,
-                    interval_s: float = 0.02) -> None:
-    """Poll the gateway until any of ``names`` is reported unhealthy; set ``rec.detected_at_s``."""
+                    interval_s: float = 0.02, full_capacity: int | None = None,
+                    recovery_timeout_s: float = 120.0) -> None:
+    """Poll the gateway until any of ``names`` is reported unhealthy; set ``rec.detected_at_s``.
+    With ``full_capacity`` (the rotation's size before the fault), keep polling until the rotation
+    is that size again and set ``rec.recovered_at_s`` (time to full capacity)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         health = gateway_replica_health(gateway_url)
         if health is not None and any(health.get(n.rstrip("/")) is False for n in names):
             rec.detected_at_s = time.time()
+            break
+        time.sleep(interval_s)
+    if rec.detected_at_s is None or not full_capacity:
+        return
+    deadline = time.monotonic() + recovery_timeout_s
+    while time.monotonic() < deadline:
+        n = gateway_capacity(gateway_url)
+        if n is not None and n >= full_capacity:
+            rec.recovered_at_s = time.time()
             return
         time.sleep(interval_s)
 
@@ -225,8 +247,9 @@ class ScenarioRunner:
         if self._thread is not None:
             self._thread.join(timeout=120)
         self.injector.heal()
-        for w in self._watchers:
-            w.join(timeout=15)
+        deadline = time.monotonic() + 120
+        for w in self._watchers:  # a detection is done in seconds; time to full capacity may take a reload
+            w.join(timeout=max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout_s: float | None = None) -> None:
         if self._thread is not None:
@@ -255,10 +278,13 @@ class ScenarioRunner:
     def _apply(self, step: FaultStep) -> None:
         inj = self.injector
         rec: FaultRecord | None
+        capacity = gateway_capacity(self.gateway_url) if self.gateway_url and step.detected else None
         if step.action == "kill_replica":
             rec = inj.kill_replica(step.target)
         elif step.action == "stop_replica":
             rec = inj.stop_replica(step.target)
+        elif step.action == "crash_loop":
+            rec = inj.crash_loop(step.target)
         elif step.action == "proxy_fault":
             rec = inj.proxy_fault(step.target, FaultSpec(**step.proxy))
         elif step.action == "reset_connections":
@@ -276,7 +302,8 @@ class ScenarioRunner:
         if step.detected and self.gateway_url and rec is not None:
             r = inj.stack.replica(step.target)
             names = [r.replica_id, r.url, r.direct_url]
-            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec), daemon=True)
+            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec), daemon=True,
+                                 kwargs={"full_capacity": capacity})
             w.start()
             self._watchers.append(w)
 
@@ -286,6 +313,8 @@ class ScenarioRunner:
             inj.heal_kill(step.target, wait=False)
         elif step.action == "stop_replica":
             inj.cont_replica(step.target)
+        elif step.action == "crash_loop":
+            inj.heal_crash_loop(step.target)
         elif step.action == "proxy_fault":
             inj.clear_proxy(step.target)
         elif step.action == "kill_redis":
