@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop.wait(1.0):
             if stack.supervisor is not None:
-                (stack.run_dir / "supervisor.json").write_text(json.dumps(stack.supervisor.status(), indent=2))
+                stack.supervisor.write_status(stack.run_dir / "supervisor.json")
                 continue
             for p in stack.processes():
                 if p.proc is not None and not p.alive():

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import requests
-import orjson
 import pytest
 
 from loadtest.chaos import running_stack

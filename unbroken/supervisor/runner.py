@@ -5,7 +5,9 @@ command (:class:`CommandTarget`, for ``unbroken supervise``) or a replica of a l
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -99,6 +101,13 @@ class Supervisor:
             return [{"program": name, "state": p.state.value, "restarts": p.num_restarts,
                      "recent_failures": len(p.failures_s), "last_failure": p.last_failure or None}
                     for name, p in self.policies.items()]
+
+    def write_status(self, path: str | Path) -> None:
+        """:meth:`status` as JSON, replaced atomically (a reader never sees half a file)."""
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=2))
+        os.replace(tmp, p)
 
     def start(self) -> "Supervisor":
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)

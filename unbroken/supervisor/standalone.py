@@ -20,12 +20,10 @@ Secrets belong in ``env`` (inherited by the child), never in ``command``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from pydantic import Field, field_validator
 
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop.wait(1.0):
             if config.status_path:
-                Path(config.status_path).write_text(json.dumps(sup.status(), indent=2))
+                sup.write_status(config.status_path)
     finally:
         sup.stop()
         for t in targets:

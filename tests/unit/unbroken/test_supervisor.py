@@ -99,3 +99,37 @@ def test_supervise_config_rejects_duplicate_names() -> None:
 
     with pytest.raises(ValidationError, match="unique"):
         SuperviseConfig(programs=[{"name": "a", "command": ["x"]}, {"name": "a", "command": ["y"]}])
+
+
+def test_unbroken_supervise_restarts_a_killed_program_and_stops_everything_on_sigterm(tmp_path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+
+    pids = tmp_path / "pids"
+    status = tmp_path / "status.json"
+    child = f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(120)"
+    (tmp_path / "sup.yaml").write_text(json.dumps({
+        "supervisor": {"check_interval_ms": 50, "backoff_initial_s": 0.05},
+        "status_path": str(status),
+        "programs": [{"name": "worker", "command": [sys.executable, "-c", child]}],
+    }))
+    sup = subprocess.Popen([sys.executable, "-m", "unbroken.cli", "supervise", "--config", str(tmp_path / "sup.yaml")],
+                           start_new_session=True)
+    try:
+        assert _wait(lambda: pids.exists() and len(pids.read_text().split()) == 1, 60)
+        first = int(pids.read_text().split()[0])
+        os.kill(first, signal.SIGKILL)
+        assert _wait(lambda: len(pids.read_text().split()) == 2, 60), "not restarted"
+        second = int(pids.read_text().split()[1])
+        assert _wait(lambda: status.exists() and json.loads(status.read_text() or "[]")
+                     and json.loads(status.read_text())[0]["restarts"] == 1, 30)
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=30) == 0
+        assert _wait(lambda: not os.path.exists(f"/proc/{second}") or
+                     open(f"/proc/{second}/stat").read().split()[2] == "Z", 10), "the program outlived its supervisor"
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait(timeout=10)
