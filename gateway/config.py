@@ -105,6 +105,8 @@ class StabilitySection(Section):
     jitter_weight: float = Field(1.0, ge=0, description="Score per second of standard deviation of the "
                                                         "heartbeat round trip over the window.")
     jitter_window: int = Field(32, ge=2, description="Heartbeat round trips kept for the jitter.")
+    jitter_floor_ms: float = Field(50.0, ge=0, description="Jitter below this is normal (a busy CPU "
+                                                           "delays every heartbeat a little) and adds nothing.")
     unstable_score: float = Field(0.75, gt=0, description="At or above this score a replica is unstable: "
                                                           "critical requests avoid it while another can serve.")
 

@@ -67,7 +67,8 @@ class StabilityScore:
         return math.sqrt(sum((x - mean) ** 2 for x in self._rtts_s) / (n - 1))
 
     def score(self, now_s: float) -> float:
-        return self._decayed(now_s) + self.config.jitter_weight * self.jitter_s()
+        excess_s = max(0.0, self.jitter_s() - self.config.jitter_floor_ms / 1000.0)
+        return self._decayed(now_s) + self.config.jitter_weight * excess_s
 
     def weight(self, now_s: float) -> float:
         """Share of new work this replica should get: 1 when quiet, falling as 1 / (1 + score)."""

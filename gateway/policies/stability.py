@@ -3,8 +3,9 @@
 Wraps the policy chain. ``X-Priority: critical`` requests choose among the stable candidates
 (:meth:`~gateway.stability.StabilityScore.is_stable`) whenever there is one. Other requests without
 a session keep each candidate with probability equal to its stability weight (1 when quiet,
-1 / (1 + score) after incidents), so an unstable replica's share of new work shrinks with its score
-and grows back as the incidents decay. Requests with a session are left to session affinity unless
+1 / (1 + score) after incidents) relative to the best candidate's, so an unstable replica's share
+of new work shrinks with its score and grows back as the incidents decay, and replicas that are
+alike are not thinned at all. Requests with a session are left to session affinity unless
 critical: moving a session costs its KV locality. When thinning leaves nothing the inner policy can
 use, it gets every candidate (stability never turns a servable request away).
 """
@@ -38,7 +39,11 @@ class StabilityPolicy:
             return stable or candidates
         if request.session_key:
             return candidates
-        kept = [r for r in candidates if self._rng.random() < r.stability.weight(now)]
+        weights = [r.stability.weight(now) for r in candidates]
+        best = max(weights)
+        if min(weights) >= best:
+            return candidates  # all alike (all quiet, usually): nothing to weigh
+        kept = [r for r, w in zip(candidates, weights) if w >= best or self._rng.random() < w / best]
         return kept or candidates
 
     def select(self, candidates: Sequence[Replica], request: RouteRequest) -> Replica | None:

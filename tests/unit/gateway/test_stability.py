@@ -34,13 +34,16 @@ def test_incident_weights_and_counts() -> None:
 
 
 def test_heartbeat_jitter_counts_only_over_its_window() -> None:
-    s = StabilityScore(StabilitySection(jitter_weight=10.0, jitter_window=4))
+    s = StabilityScore(StabilitySection(jitter_weight=10.0, jitter_window=4, jitter_floor_ms=20.0))
     for _ in range(4):
         s.record_rtt(0.002)
     assert s.jitter_s() == 0.0 and s.score(0.0) == 0.0
     for rtt in (0.002, 0.2, 0.002, 0.2):
         s.record_rtt(rtt)
     assert s.jitter_s() > 0.1 and not s.is_stable(0.0)
+    for rtt in (0.002, 0.03, 0.002, 0.03):
+        s.record_rtt(rtt)  # ~16 ms of jitter: under the floor
+    assert 0.0 < s.jitter_s() < 0.02 and s.score(0.0) == 0.0
     for _ in range(4):
         s.record_rtt(0.003)  # the window forgets the jitter
     assert s.jitter_s() == 0.0
@@ -67,6 +70,11 @@ def test_unstable_replica_gets_less_work_and_critical_requests_avoid_it() -> Non
     assert all(pol.select([stable, flaky], RouteRequest("qwen", priority="critical")) is stable for _ in range(50))
     # Alone, it still serves; a critical request is not turned away.
     assert pol.select([flaky], RouteRequest("qwen", priority="critical")) is flaky
+    # Replicas that are alike are not thinned, even when neither is quiet.
+    stable.stability.record(Incident.FAILURE, 0.0)
+    stable.stability.record(Incident.FAILURE, 0.0)
+    stable.stability.record(Incident.FAILURE, 0.0)
+    assert pol.narrow([stable, flaky], RouteRequest("qwen")) == [stable, flaky]
     # Sessions stay on their replica unless critical.
     assert StabilityPolicy(LeastLoadPolicy(RoutingSection())).narrow(
         [stable, flaky], RouteRequest("qwen", session_key="s")) == [stable, flaky]
