@@ -24,7 +24,10 @@ class SupervisorSection(Section):
     """How the supervisor judges and restarts a program."""
 
     enabled: bool = Field(True, description="Supervise (restart) the replicas and sidecars.")
-    check_interval_ms: int = Field(200, gt=0, description="How often each program is checked.")
+    check_interval_ms: int = Field(200, gt=0, description="How often each program's process is checked "
+                                                          "(alive or exited: no I/O).")
+    health_interval_ms: int = Field(1000, gt=0, description="How often each live program's health URL is "
+                                                            "probed (an HTTP request).")
     health_timeout_ms: int = Field(1000, gt=0, description="Timeout of one health probe.")
     start_timeout_s: float = Field(240.0, gt=0, description="A started program that is not healthy within "
                                                             "this long has failed (covers model loading).")

@@ -87,6 +87,7 @@ class Supervisor:
         self.metrics = metrics or SupervisorMetrics()
         self.metrics.attach_states(self.states)
         self.events: list[SupervisorEvent] = []
+        self._last_probe: dict[str, tuple[float, bool]] = {}  # program -> (when, healthy)
         self._on_event = on_event
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -126,6 +127,21 @@ class Supervisor:
             self.policies[name].reset(time.monotonic())
         self._event(name, "reset", "failures forgotten; starting again")
 
+    def _probe(self, name: str, target: Target, policy: ProgramPolicy) -> bool:
+        """The health probe's answer, probing at most every ``health_interval_ms`` (and afresh
+        after every start)."""
+        url = target.health_url()
+        if url is None:
+            return True
+        now = time.monotonic()
+        last = self._last_probe.get(name)
+        fresh = last is not None and last[0] >= policy.started_at_s
+        if fresh and now - last[0] < self.config.health_interval_ms / 1000:  # type: ignore[index]
+            return last[1]  # type: ignore[index]
+        healthy = http_ok(url, timeout_s=self.config.health_timeout_ms / 1000.0)
+        self._last_probe[name] = (now, healthy)
+        return healthy
+
     def _event(self, program: str, kind: str, detail: str) -> None:
         ev = SupervisorEvent(program, kind, detail, time.time())
         self.events.append(ev)
@@ -150,8 +166,7 @@ class Supervisor:
         alive = target.alive()
         healthy = False
         if alive and policy.state in (ProgramState.STARTING, ProgramState.RUNNING):
-            url = target.health_url()
-            healthy = True if url is None else http_ok(url, timeout_s=self.config.health_timeout_ms / 1000.0)
+            healthy = self._probe(name, target, policy)
         with self._lock:
             decision = policy.observe(time.monotonic(), Observation(alive=alive, healthy=healthy))
             reason = policy.last_failure
