@@ -53,6 +53,10 @@ class ReplicasSection(Section):
                                      "before giving up: a replica coming back or a half-open breaker "
                                      "letting work through again is often a moment away.")
     max_connections_per_replica: int = Field(256, gt=0, description="Pooled connections per replica.")
+    standby_urls: list[str] = Field(default_factory=list, description="Warm standby replicas: loaded and "
+                                    "heartbeating but never routed to until one is promoted in place of a "
+                                    "replica declared unhealthy (the failed one becomes the standby when it "
+                                    "is back).")
 
 
 class RedisSection(Section):
@@ -116,6 +120,22 @@ class RoutingSection(Section):
         16.0, ge=0, description="Upper bound of characters per token: a prompt whose characters divided by this "
                                 "exceed every serving replica's reported max_model_len is answered 400 "
                                 "context_length_exceeded by the gateway at once (0 = leave it to the replica).")
+
+
+class StabilitySection(Section):
+    enabled: bool = Field(True, description="Weigh routing by each replica's recent stability.")
+    half_life_s: float = Field(30.0, gt=0, description="Every incident's weight halves after this long.")
+    failure_weight: float = Field(1.0, ge=0, description="Score added when the replica is declared unhealthy.")
+    stall_weight: float = Field(0.5, ge=0, description="Score added when it turns suspect (missed heartbeat).")
+    restart_weight: float = Field(1.0, ge=0, description="Score added when its process restarted (new pid).")
+    breaker_trip_weight: float = Field(1.0, ge=0, description="Score added per breaker trip.")
+    jitter_weight: float = Field(1.0, ge=0, description="Score per second of standard deviation of the "
+                                                        "heartbeat round trip over the window.")
+    jitter_window: int = Field(32, ge=2, description="Heartbeat round trips kept for the jitter.")
+    jitter_floor_ms: float = Field(50.0, ge=0, description="Jitter below this is normal (a busy CPU "
+                                                           "delays every heartbeat a little) and adds nothing.")
+    unstable_score: float = Field(0.75, gt=0, description="At or above this score a replica is unstable: "
+                                                          "critical requests avoid it while another can serve.")
 
 
 class RetrySection(Section):
@@ -194,6 +214,7 @@ class GatewayConfig(Section):
     health: HealthSection = Field(default_factory=HealthSection)
     breaker: BreakerSection = Field(default_factory=BreakerSection)
     routing: RoutingSection = Field(default_factory=RoutingSection)
+    stability: StabilitySection = Field(default_factory=StabilitySection)
     retry: RetrySection = Field(default_factory=RetrySection)
     degradation: DegradationSection = Field(default_factory=DegradationSection)
     auth: AuthSection = Field(default_factory=AuthSection)

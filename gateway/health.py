@@ -80,6 +80,7 @@ class HealthMonitor:
 
     async def poll_once(self, rep: Replica) -> None:
         assert self._session is not None
+        sent_s = time.monotonic()
         try:
             async with self._session.get(rep.url + "/state") as resp:
                 body = await resp.read()
@@ -98,6 +99,7 @@ class HealthMonitor:
         except (aiohttp.ClientError, orjson.JSONDecodeError, ValueError, TypeError, OSError) as e:
             self._miss(rep, f"heartbeat failed: {type(e).__name__}: {e}")
             return
+        rep.stability.record_rtt(time.monotonic() - sent_s)
         self._ok(rep, report)
 
     def _ok(self, rep: Replica, report) -> None:  # type: ignore[no-untyped-def]

@@ -6,10 +6,11 @@ Per-replica health and breaker states, in-flight counts and queue depth are read
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.breaker import BreakerState
@@ -28,6 +29,7 @@ class ReplicaCollector(Collector):
         self._inflight = inflight
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        now_s = time.monotonic()
         health = GaugeMetricFamily(PREFIX + "replica_health_state",
                                    "1 for the replica's current health state, 0 for the others.",
                                    labels=["replica", "state"])
@@ -52,6 +54,19 @@ class ReplicaCollector(Collector):
         yield breaker
         yield inflight
         yield trips
+        stability = GaugeMetricFamily(PREFIX + "replica_stability_score",
+                                      "The replica's decaying incident score (0 = stable); routing weighs by it.",
+                                      labels=["replica"])
+        for rep in self.replicas:
+            stability.add_metric([rep.replica_id], rep.stability.score(now_s))
+        yield stability
+        standby = GaugeMetricFamily(PREFIX + "standby_replicas_ready", "Warm standbys ready to be promoted.")
+        standby.add_metric([], float(self.replicas.num_standby_ready()))
+        yield standby
+        promotions = CounterMetricFamily(PREFIX + "standby_promotions",
+                                         "Standbys put into rotation in place of a failed replica.")
+        promotions.add_metric([], float(self.replicas.num_promotions))
+        yield promotions
         q = GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for capacity in the degradation queue.")
         q.add_metric([], float(self._queue_depth()))
         yield q

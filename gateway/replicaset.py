@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from gateway.breaker import BreakerState, CircuitBreaker
-from gateway.config import BreakerSection
+from gateway.config import BreakerSection, StabilitySection
+from gateway.stability import Incident, StabilityScore
 from unbroken.contract.heartbeat import ReplicaStateReport
+
+log = logging.getLogger(__name__)
 
 
 class ReplicaState(str, enum.Enum):
@@ -26,6 +30,7 @@ class ReplicaState(str, enum.Enum):
     SUSPECT = "suspect"  # a heartbeat missed or a connection failed: out of rotation until one answers
     UNHEALTHY = "unhealthy"  # several misses, connection refused, or never seen
     DRAINING = "draining"  # no new work (admin drain or the replica says so); running streams finish
+    STANDBY = "standby"  # a warm standby: heartbeats answered, never routed to until promoted
 
 
 class ReplicaSource(str, enum.Enum):
@@ -66,6 +71,10 @@ class Replica:
     # when the replica is declared unhealthy they all expire at once, so that its in-flight work
     # moves elsewhere within the detection bound instead of after its own, longer timeout.
     waits: set[asyncio.Timeout] = field(default_factory=set)
+    # A warm standby's role: in the set and heartbeating, but out of rotation until promoted.
+    standby: bool = False
+    stability: StabilityScore = field(default_factory=StabilityScore)
+    num_breaker_trips_seen: int = 0
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -105,6 +114,8 @@ class Replica:
             "url": self.url,
             "source": self.source.value,
             "state": self.state.value,
+            "role": "standby" if self.standby else "active",
+            "stability": self.stability.to_admin_dict(time.monotonic()),
             "breaker": self.breaker.state.value if self.breaker else None,
             "gateway_inflight": self.num_inflight,
             "models": sorted(self.models),
@@ -133,8 +144,12 @@ def report_from_json(data: dict[str, Any]) -> ReplicaStateReport:
 class ReplicaSet:
     """All known replicas, keyed by URL. Call :meth:`refresh` after any state change."""
 
-    def __init__(self, breaker_config: BreakerSection) -> None:
+    def __init__(self, breaker_config: BreakerSection, stability_config: StabilitySection | None = None,
+                 clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
         self._breaker_config = breaker_config
+        self._stability_config = stability_config or StabilitySection()
+        self._clock = clock
+        self.num_promotions = 0
         self.by_url: dict[str, Replica] = {}
         self.routable_by_model: dict[str, list[Replica]] = {}
         self.ring_members: list[Replica] = []
@@ -150,7 +165,7 @@ class ReplicaSet:
         return len(self.by_url)
 
     def add_listener(self, fn: Any) -> None:
-        """``fn(event: str, replica: Replica)`` on "added", "removed" and "state"."""
+        """``fn(event: str, replica: Replica)`` on "added", "removed", "state" and "promoted"."""
         self._listeners.append(fn)
 
     def _emit(self, event: str, replica: Replica) -> None:
@@ -158,7 +173,7 @@ class ReplicaSet:
             fn(event, replica)
 
     def add(self, url: str, source: ReplicaSource = ReplicaSource.STATIC, replica_id: str = "",
-            models: Iterable[str] = ()) -> Replica:
+            models: Iterable[str] = (), standby: bool = False) -> Replica:
         url = url.rstrip("/")
         existing = self.by_url.get(url)
         if existing is not None:
@@ -166,7 +181,8 @@ class ReplicaSet:
                 existing.replica_id = replica_id
             return existing
         rep = Replica(url=url, source=source, replica_id=replica_id,
-                      breaker=CircuitBreaker(self._breaker_config))
+                      breaker=CircuitBreaker(self._breaker_config), standby=standby,
+                      stability=StabilityScore(self._stability_config))
         if models:
             rep.registry_models = tuple(models)
             rep.models = frozenset(models)
@@ -194,16 +210,45 @@ class ReplicaSet:
     def set_state(self, rep: Replica, state: ReplicaState) -> None:
         if rep.admin_draining:
             state = ReplicaState.DRAINING
+        elif rep.standby and state in (ReplicaState.HEALTHY, ReplicaState.SUSPECT):
+            state = ReplicaState.STANDBY  # ready, but never in rotation until promoted
         if rep.state is not state:
+            was = rep.state
             rep.state = state
+            if state is ReplicaState.UNHEALTHY and was is not ReplicaState.UNHEALTHY:
+                rep.stability.record(Incident.FAILURE, self._clock())
+            elif state is ReplicaState.SUSPECT:
+                rep.stability.record(Incident.STALL, self._clock())
             self.refresh()
             self._emit("state", rep)
             if state is ReplicaState.UNHEALTHY:
+                if not rep.standby and was in (ReplicaState.HEALTHY, ReplicaState.SUSPECT, ReplicaState.DRAINING):
+                    self.promote_standby(replacing=rep)
                 self._move_work_off(rep)
             elif state is ReplicaState.HEALTHY:
                 for other in self.by_url.values():
                     if other.state is ReplicaState.UNHEALTHY and other.waits:
                         self._move_work_off(other)
+
+    def promote_standby(self, replacing: Replica | None = None) -> Replica | None:
+        """Put a ready standby (the most stable, then by id) into rotation at once. The replica it
+        replaces takes the standby role, so it rejoins as the standby once it is back (a restarted
+        process on the same URL refills the pool). None when no standby is ready."""
+        now = self._clock()
+        ready = [r for r in self.by_url.values() if r.standby and r.state is ReplicaState.STANDBY
+                 and (replacing is None or replacing.models <= r.models)]
+        if not ready:
+            return None
+        chosen = min(ready, key=lambda r: (not r.stability.is_stable(now), r.replica_id))
+        chosen.standby = False
+        if replacing is not None:
+            replacing.standby = True
+        self.num_promotions += 1
+        log.warning("standby %s promoted in place of %s", chosen.replica_id,
+                    replacing.replica_id if replacing is not None else "(admin)")
+        self.set_state(chosen, ReplicaState.HEALTHY)
+        self._emit("promoted", chosen)
+        return chosen
 
     def _move_work_off(self, rep: Replica) -> None:
         """Expire the waits on an unhealthy replica, but only when another replica in rotation
@@ -216,6 +261,12 @@ class ReplicaSet:
                     return
 
     def set_report(self, rep: Replica, report: ReplicaStateReport) -> None:
+        now = self._clock()
+        if rep.report is not None and report.pid and rep.report.pid and report.pid != rep.report.pid:
+            rep.stability.record(Incident.RESTART, now)
+        if rep.breaker is not None and rep.breaker.num_trips > rep.num_breaker_trips_seen:
+            rep.stability.record(Incident.BREAKER_TRIP, now, rep.breaker.num_trips - rep.num_breaker_trips_seen)
+            rep.num_breaker_trips_seen = rep.breaker.num_trips
         rep.report = report
         if report.replica_id and report.replica_id != rep.replica_id:
             rep.replica_id = report.replica_id
@@ -248,6 +299,9 @@ class ReplicaSet:
 
     def num_healthy(self) -> int:
         return sum(1 for r in self.by_url.values() if r.state is ReplicaState.HEALTHY)
+
+    def num_standby_ready(self) -> int:
+        return sum(1 for r in self.by_url.values() if r.state is ReplicaState.STANDBY)
 
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
         """Replicas in rotation for ``model``: healthy by heartbeat AND allowed by their breaker.

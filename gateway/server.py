@@ -27,6 +27,7 @@ from gateway.openapi import openapi_spec
 from gateway.policies import RouteRequest, make_policy
 from gateway.policies.adapter_affinity import AdapterAffinityPolicy
 from gateway.policies.session_affinity import SessionAffinityPolicy
+from gateway.policies.stability import StabilityPolicy
 from gateway.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, ClientRequest, parse_request
 from gateway.registry import RegistryDiscovery
 from gateway.relay import Relay, RequestContext
@@ -85,9 +86,11 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
 
 def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
-    replicas = ReplicaSet(config.breaker)
+    replicas = ReplicaSet(config.breaker, config.stability)
     for url in config.replicas.urls:
         replicas.add(url, ReplicaSource.STATIC)
+    for url in config.replicas.standby_urls:
+        replicas.add(url, ReplicaSource.STATIC, standby=True)
     headers = {"Authorization": f"Bearer {config.replicas.shared_token}"} if config.replicas.shared_token else {}
     health = HealthMonitor(replicas, config.health, headers=headers)
     metrics = GatewayMetrics()
@@ -99,6 +102,8 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
                                        on_move=lambda key, old, new: metrics.session_moves.inc())
     if config.routing.adapter_affinity:
         policy = AdapterAffinityPolicy(policy)
+    if config.stability.enabled:
+        policy = StabilityPolicy(policy)
     rc = config.retry
     budget = RetryBudget(rc.budget_ratio, rc.budget_min_per_s, rc.budget_window_s)
     executor = RetryExecutor(rc, budget)

@@ -45,6 +45,8 @@ class FaultRecord:
     params: dict[str, Any] = field(default_factory=dict)
     detected_at_s: float | None = None
     """When the gateway first reported the target unhealthy (None = not measured or never)."""
+    recovered_at_s: float | None = None
+    """When the gateway's rotation was back to its size before the fault (None = not measured or never)."""
 
     @property
     def detection_s(self) -> float | None:
@@ -52,10 +54,18 @@ class FaultRecord:
             return None
         return self.detected_at_s - self.started_at_s
 
+    @property
+    def mttr_s(self) -> float | None:
+        """Time to full capacity: from the fault to the rotation's full size again."""
+        if self.recovered_at_s is None:
+            return None
+        return self.recovered_at_s - self.started_at_s
+
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "target": self.target, "started_at_s": self.started_at_s,
                 "ended_at_s": self.ended_at_s, "params": self.params, "detected_at_s": self.detected_at_s,
-                "detection_s": self.detection_s}
+                "detection_s": self.detection_s, "recovered_at_s": self.recovered_at_s,
+                "mttr_s": self.mttr_s}
 
 
 def _parent_pid(pid: int) -> int | None:
@@ -134,6 +144,35 @@ class FaultInjector:
         handle = self.stack.restart_replica(r.replica_id, wait=wait)
         self._end("kill_replica", r.replica_id)
         return handle
+
+    def heal_kill(self, which: int | str, wait: bool = True) -> None:
+        """End a kill: start the replica again unless it runs already (its supervisor restarted it)."""
+        r = self._replica(which)
+        if r.process.alive():
+            self._end("kill_replica", r.replica_id)
+        else:
+            self.restart_replica(which, wait=wait)
+
+    def crash_loop(self, which: int | str) -> FaultRecord:
+        """Make the replica die at every start (its checkpoint path points at a missing directory)
+        and kill -9 it: restarts fail until :meth:`heal_crash_loop`."""
+        r = self._replica(which)
+        proc = self._check_owned(r.process, r.replica_id)
+        rec = self._begin("crash_loop", r.replica_id)
+        r.model_path_override = str((self.stack.run_dir / f"missing-model-{r.replica_id}").resolve())
+        proc.kill()
+        return rec
+
+    def heal_crash_loop(self, which: int | str, wait: bool = False) -> None:
+        """The checkpoint is back: the supervisor forgets the failures and starts it (or we do)."""
+        r = self._replica(which)
+        r.model_path_override = ""
+        sup = self.stack.supervisor
+        if sup is not None and r.replica_id in sup.policies:
+            sup.reset(r.replica_id)
+        elif not r.process.alive():
+            self.stack.restart_replica(r.replica_id, wait=wait)
+        self._end("crash_loop", r.replica_id)
 
     def stop_replica(self, which: int | str) -> FaultRecord:
         """SIGSTOP: the replica hangs with its sockets open."""
@@ -218,9 +257,11 @@ class FaultInjector:
 
     def heal_one(self, rec: FaultRecord, wait: bool = True) -> None:
         if rec.action == "kill_replica":
-            self.restart_replica(rec.target, wait=wait)
+            self.heal_kill(rec.target, wait=wait)
         elif rec.action == "stop_replica":
             self.cont_replica(rec.target)
+        elif rec.action == "crash_loop":
+            self.heal_crash_loop(rec.target, wait=wait)
         elif rec.action == "proxy_fault":
             self.clear_proxy(rec.target)
         elif rec.action == "kill_redis":

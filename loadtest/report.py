@@ -1,9 +1,10 @@
 """The run report: Markdown with matplotlib plots, from the load test's per-request records and the
 injected faults' timeline.
 
-``report.md`` holds the summary table an operator reads first (per fault: detection time,
-requests lost, tokens lost or repeated, conversations that kept their context, p99 latency during
-the fault against steady state), then the totals, failures by kind, failover / retry / restore
+``report.md`` holds the summary table an operator reads first (per fault: detection time, time to
+full capacity (MTTR: the gateway's rotation back to its size before the fault), requests lost,
+tokens lost or repeated, conversations that kept their context, p99 latency during the fault
+against steady state), then the totals, failures by kind, failover / retry / restore
 counts, and the plots: requests/s, p50/p99 latency and p50/p99 TTFT over time with every fault
 shaded, and failures by kind.
 
@@ -58,6 +59,7 @@ class FaultSummary:
     contexts_total: int
     p99_during_s: float | None
     failovers: int
+    mttr_s: float | None = None
 
 
 @dataclass
@@ -122,6 +124,7 @@ def summarize(records: list[dict[str, Any]], faults: list[dict[str, Any]], t0_s:
             contexts_kept=sum(sessions.values()), contexts_total=len(sessions),
             p99_during_s=percentile([r["latency_s"] for r in during if r["ok"]], 99),
             failovers=sum(int(r.get("failovers") or 0) + int(r.get("retries") or 0) for r in during),
+            mttr_s=f.get("mttr_s"),
         ))
     return run
 
@@ -137,17 +140,19 @@ def _describe(f: dict[str, Any] | FaultSummary) -> str:
 def summary_table(run: RunSummary) -> str:
     """The per-fault Markdown table."""
     lines = [
-        "| fault | at (s) | detection (s) | requests in window | requests lost | tokens lost or repeated "
+        "| fault | at (s) | detection (s) | time to full capacity (s) | requests in window | requests lost "
+        "| tokens lost or repeated "
         "| contexts kept | failovers + retries | p99 during fault (s) | p99 steady (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in run.faults:
         lines.append(
-            f"| {_describe(f)} | {f.at_s:.1f} | {_fmt_s(f.detection_s)} | {f.num_requests} | {f.num_lost} "
+            f"| {_describe(f)} | {f.at_s:.1f} | {_fmt_s(f.detection_s)} | {_fmt_s(f.mttr_s, 2)} "
+            f"| {f.num_requests} | {f.num_lost} "
             f"| {f.num_token_faults} | {f.contexts_kept}/{f.contexts_total} | {f.failovers} "
             f"| {_fmt_s(f.p99_during_s, 2)} | {_fmt_s(run.steady_p99_s, 2)} |")
     if not run.faults:
-        lines.append("| (no fault) | | | | | | | | | |")
+        lines.append("| (no fault) | | | | | | | | | | |")
     return "\n".join(lines)
 
 

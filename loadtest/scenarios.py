@@ -39,10 +39,10 @@ from unbroken.config import ConfigError, Section
 log = logging.getLogger(__name__)
 
 Action = Literal["kill_replica", "stop_replica", "proxy_fault", "reset_connections", "kill_redis",
-                 "restart_gateway", "kill_kvsync"]
+                 "restart_gateway", "kill_kvsync", "crash_loop"]
 
 # Faults after which the gateway must mark the target replica unhealthy (detection is timed).
-DETECTED_ACTIONS = {"kill_replica", "stop_replica"}
+DETECTED_ACTIONS = {"kill_replica", "stop_replica", "crash_loop"}
 
 
 class FaultStep(Section):
@@ -167,15 +167,22 @@ def replica_healthy(entry: dict[str, Any]) -> bool:
     return True
 
 
-def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5,
-                           admin_key: str = "") -> dict[str, bool] | None:
-    """``{replica id or url: healthy}`` from the gateway's admin view; None when unreachable."""
+def _admin_replicas(gateway_url: str, timeout_s: float, admin_key: str) -> Any:
+    """The gateway's ``/admin/replicas`` body; None when unreachable."""
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(gateway_url + "/admin/replicas", headers=headers),
                                     timeout=timeout_s) as r:
-            payload = orjson.loads(r.read())
+            return orjson.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5,
+                           admin_key: str = "") -> dict[str, bool] | None:
+    """``{replica id or url: healthy}`` from the gateway's admin view; None when unreachable."""
+    payload = _admin_replicas(gateway_url, timeout_s, admin_key)
+    if payload is None:
         return None
     out: dict[str, bool] = {}
     for e in _replica_entries(payload):
@@ -186,14 +193,34 @@ def gateway_replica_health(gateway_url: str, timeout_s: float = 0.5,
     return out
 
 
+def gateway_capacity(gateway_url: str, timeout_s: float = 0.5, admin_key: str = "") -> int | None:
+    """Replicas in rotation (state ``healthy``) by the gateway's admin view; None when unreachable."""
+    payload = _admin_replicas(gateway_url, timeout_s, admin_key)
+    if payload is None:
+        return None
+    return sum(1 for e in _replica_entries(payload) if str(e.get("state", "")).lower() == "healthy")
+
+
 def watch_detection(gateway_url: str, names: list[str], rec: FaultRecord, timeout_s: float = 10.0,
-                    interval_s: float = 0.02, admin_key: str = "") -> None:
-    """Poll the gateway until any of ``names`` is reported unhealthy; set ``rec.detected_at_s``."""
+                    interval_s: float = 0.02, full_capacity: int | None = None,
+                    recovery_timeout_s: float = 120.0, admin_key: str = "") -> None:
+    """Poll the gateway until any of ``names`` is reported unhealthy; set ``rec.detected_at_s``.
+    With ``full_capacity`` (the rotation's size before the fault), keep polling until the rotation
+    is that size again and set ``rec.recovered_at_s`` (time to full capacity)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         health = gateway_replica_health(gateway_url, admin_key=admin_key)
         if health is not None and any(health.get(n.rstrip("/")) is False for n in names):
             rec.detected_at_s = time.time()
+            break
+        time.sleep(interval_s)
+    if rec.detected_at_s is None or not full_capacity:
+        return
+    deadline = time.monotonic() + recovery_timeout_s
+    while time.monotonic() < deadline:
+        n = gateway_capacity(gateway_url, admin_key=admin_key)
+        if n is not None and n >= full_capacity:
+            rec.recovered_at_s = time.time()
             return
         time.sleep(interval_s)
 
@@ -228,8 +255,9 @@ class ScenarioRunner:
         if self._thread is not None:
             self._thread.join(timeout=120)
         self.injector.heal()
-        for w in self._watchers:
-            w.join(timeout=15)
+        deadline = time.monotonic() + 120
+        for w in self._watchers:  # a detection is done in seconds; time to full capacity may take a reload
+            w.join(timeout=max(0.1, deadline - time.monotonic()))
 
     def join(self, timeout_s: float | None = None) -> None:
         if self._thread is not None:
@@ -258,10 +286,14 @@ class ScenarioRunner:
     def _apply(self, step: FaultStep) -> None:
         inj = self.injector
         rec: FaultRecord | None
+        capacity = (gateway_capacity(self.gateway_url, admin_key=inj.stack.admin_key)
+                    if self.gateway_url and step.detected else None)
         if step.action == "kill_replica":
             rec = inj.kill_replica(step.target)
         elif step.action == "stop_replica":
             rec = inj.stop_replica(step.target)
+        elif step.action == "crash_loop":
+            rec = inj.crash_loop(step.target)
         elif step.action == "proxy_fault":
             rec = inj.proxy_fault(step.target, FaultSpec(**step.proxy))
         elif step.action == "reset_connections":
@@ -279,17 +311,19 @@ class ScenarioRunner:
         if step.detected and self.gateway_url and rec is not None:
             r = inj.stack.replica(step.target)
             names = [r.replica_id, r.url, r.direct_url]
-            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec),
-                                 kwargs={"admin_key": inj.stack.admin_key}, daemon=True)
+            w = threading.Thread(target=watch_detection, args=(self.gateway_url, names, rec), daemon=True,
+                                 kwargs={"full_capacity": capacity, "admin_key": inj.stack.admin_key})
             w.start()
             self._watchers.append(w)
 
     def _heal(self, step: FaultStep) -> None:
         inj = self.injector
         if step.action == "kill_replica":
-            inj.restart_replica(step.target, wait=False)
+            inj.heal_kill(step.target, wait=False)
         elif step.action == "stop_replica":
             inj.cont_replica(step.target)
+        elif step.action == "crash_loop":
+            inj.heal_crash_loop(step.target)
         elif step.action == "proxy_fault":
             inj.clear_proxy(step.target)
         elif step.action == "kill_redis":

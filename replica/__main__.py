@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"replica: {e}", file=sys.stderr)
         return 2
+    if os.path.isabs(config.model.path) and not os.path.exists(config.model.path):
+        # Not a hub id and not there: fail at once rather than after loading torch (a supervisor
+        # restarting a replica whose checkpoint is gone sees the crash loop in seconds).
+        print(f"replica: model.path {config.model.path!r} does not exist", file=sys.stderr)
+        return 1
     # The engine thread runs Python between torch ops; a short GIL switch interval lets the event
     # loop take requests and write chunks between them instead of waiting 5 ms per hand-off.
     sys.setswitchinterval(float(os.environ.get("UNBROKEN_REPLICA_SWITCH_INTERVAL_S", "0.001")))

@@ -1,6 +1,6 @@
 """The ``unbroken`` console script: one subcommand per process, plus the local-stack launcher.
 
-``unbroken up | gateway | replica | kvsync | tiny-model DIR``. Each process subcommand hands its
+``unbroken up | gateway | replica | kvsync | supervise | tiny-model DIR``. Each process subcommand hands its
 remaining arguments to that package's ``__main__.main(argv)`` so ``python -m replica`` and
 ``unbroken replica`` are the same program.
 """
@@ -16,6 +16,7 @@ _PROCESSES = {
     "gateway": ("gateway.__main__", "Run one gateway."),
     "replica": ("replica.__main__", "Run one model replica."),
     "kvsync": ("kvsync.__main__", "Run one kvsync sidecar."),
+    "supervise": ("unbroken.supervisor.standalone", "Keep the processes a YAML lists alive (restart, backoff)."),
 }
 
 

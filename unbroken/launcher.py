@@ -31,13 +31,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pydantic import Field
 
 from unbroken.config import ConfigError, Section, load_config
 from unbroken.credentials import StackSecrets, load_or_create, redact_url, write_private_file
 from unbroken.procs import ManagedProcess, free_port, http_ok, python_module_cmd, start_redis
+from unbroken.supervisor.policy import SupervisorSection
 
 
 class ReplicaProxy(Protocol):
@@ -53,6 +54,10 @@ class ReplicaProxy(Protocol):
 # (replica port, proxy name) -> a started proxy
 ProxyFactory = Callable[[int, str], ReplicaProxy]
 
+
+if TYPE_CHECKING:
+    from unbroken.supervisor.runner import Supervisor
+
 ENV_PREFIX = "UNBROKEN_STACK"
 LOOPBACK = "127.0.0.1"
 
@@ -62,7 +67,10 @@ class RedisSection(Section):
 
 
 class ReplicasSection(Section):
-    count: int = Field(2, ge=1, le=64, description="Replicas to start.")
+    count: int = Field(2, ge=1, le=64, description="Replicas to start (in rotation).")
+    standby: int = Field(0, ge=0, le=64, description="Warm standby replicas, loaded and heartbeating but out "
+                                                     "of rotation until the gateway promotes one in place of "
+                                                     "a failed replica.")
     model_path: str = Field("models/tiny-qwen", description="Checkpoint directory; the tiny model is written "
                                                             "there when it is missing.")
     config_path: str = Field("", description="Replica YAML passed as --config (empty = the replica's defaults).")
@@ -120,6 +128,7 @@ class StackConfig(Section):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     fault_proxy: FaultProxySection = Field(default_factory=FaultProxySection)
     security: SecuritySection = Field(default_factory=SecuritySection)
+    supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     run: RunSection = Field(default_factory=RunSection)
 
 
@@ -134,6 +143,8 @@ class ReplicaHandle:
     kvsync: ManagedProcess | None = None
     kvsync_port: int = 0
     proxy: Any = None  # a ReplicaProxy (loadtest's FaultProxy, with its fault controls) or None
+    standby: bool = False
+    model_path_override: str = ""  # a fault (crash_loop) points a restart at a bad checkpoint
 
     @property
     def direct_url(self) -> str:
@@ -183,7 +194,8 @@ class Stack:
         self.replicas: list[ReplicaHandle] = []
         self.gateway: ManagedProcess | None = None
         self.gateway_port = 0
-        self._lock = threading.Lock()
+        self.supervisor: "Supervisor | None" = None
+        self._lock = threading.RLock()
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -246,12 +258,17 @@ class Stack:
             self.load_secrets()
             self._start_redis()
             self._ensure_model()
-            for i in range(self.config.replicas.count):
-                self._start_replica(i)
+            for i in range(self.config.replicas.count + self.config.replicas.standby):
+                self._start_replica(i).standby = i >= self.config.replicas.count
             for r in self.replicas:
                 self._wait_replica(r)
             self._start_gateway()
             self.write_manifest()
+            if self.config.supervisor.enabled:
+                from unbroken.supervisor.stack import supervise_stack
+
+                self.supervisor = supervise_stack(self, on_event=lambda ev: self.progress(
+                    f"supervisor {ev.program} {ev.kind}: {ev.detail}"))
         except BaseException:
             self.stop()
             raise
@@ -260,6 +277,8 @@ class Stack:
     def stop(self) -> None:
         """Stop by pid: gateway, replicas and sidecars, proxies, then Redis."""
         timeout_s = self.config.run.stop_timeout_s
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.gateway is not None:
             self.gateway.stop(timeout_s)
         for r in self.replicas:
@@ -295,7 +314,7 @@ class Stack:
             "redis_pid": self.redis.pid if self.redis and self.redis.proc else None,
             "replicas": [
                 {"replica_id": r.replica_id, "url": r.direct_url, "gateway_url": r.url,
-                 "pid": r.process.pid if r.process.proc else None,
+                 "pid": r.process.pid if r.process.proc else None, "standby": r.standby,
                  "kvsync_port": r.kvsync_port or None,
                  "kvsync_pid": r.kvsync.pid if r.kvsync and r.kvsync.proc else None}
                 for r in self.replicas
@@ -341,7 +360,9 @@ class Stack:
     def _replica_process(self, index: int, replica_id: str, port: int, kvsync_port: int,
                          advertise_url: str) -> ManagedProcess:
         cfg = self.config.replicas
-        args = ["--model", str(self.model_path), "--port", str(port), "--host", LOOPBACK,
+        handle = next((r for r in self.replicas if r.replica_id == replica_id), None)
+        model = handle.model_path_override if handle is not None and handle.model_path_override else self.model_path
+        args = ["--model", str(model), "--port", str(port), "--host", LOOPBACK,
                 "--replica-id", replica_id, "--quantization", cfg.quantization]
         if cfg.config_path:
             args += ["--config", cfg.config_path]
@@ -407,22 +428,29 @@ class Stack:
 
     def restart_replica(self, which: int | str, wait: bool = True) -> ReplicaHandle:
         """Start a replica again on the same port (after a kill or stop); the sidecar is kept."""
-        r = self.replica(which)
-        if r.process.alive():
-            r.process.stop(self.config.run.stop_timeout_s)
-        r.process = self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port, r.url).start()
-        if r.kvsync is not None and not r.kvsync.alive():
-            r.kvsync = ManagedProcess(r.kvsync.name, r.kvsync.cmd, log_path=r.kvsync.log_path,
-                                      env=self._kvsync_env(), ready_url=r.kvsync.ready_url).start()
+        with self._lock:
+            r = self.replica(which)
+            if r.process.alive():
+                r.process.stop(self.config.run.stop_timeout_s)
+            r.process = self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port, r.url).start()
+            self.restart_kvsync(r.replica_id)
         if wait:
             self._wait_replica(r)
         return r
+
+    def restart_kvsync(self, which: int | str) -> None:
+        """Start a replica's sidecar again on its port when it is not running."""
+        with self._lock:
+            r = self.replica(which)
+            if r.kvsync is not None and not r.kvsync.alive():
+                r.kvsync = ManagedProcess(r.kvsync.name, r.kvsync.cmd, log_path=r.kvsync.log_path,
+                                          env=self._kvsync_env(), ready_url=r.kvsync.ready_url).start()
 
     def _gateway_process(self) -> ManagedProcess:
         cfg = self.config.gateway
         args = ["--port", str(self.gateway_port), "--host", LOOPBACK, "--workers", str(cfg.workers)]
         for r in self.replicas:
-            args += ["--replica", r.url]
+            args += ["--standby-replica" if r.standby else "--replica", r.url]
         if cfg.config_path:
             args += ["--config", cfg.config_path]
         env = dict(cfg.env)
@@ -501,12 +529,18 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
     parser.add_argument("--model", help="checkpoint directory (the tiny model is written there if missing)")
     parser.add_argument("--fault-proxies", action="store_true", default=None,
                         help="put a fault proxy in front of each replica")
+    parser.add_argument("--standby", type=int, help="warm standby replicas (out of rotation until promoted)")
+    parser.add_argument("--no-supervise", dest="supervise", action="store_false", default=None,
+                        help="do not restart replicas that exit or stay unhealthy")
+    parser.add_argument("--supervisor-metrics-port", type=int, default=0,
+                        help="serve the supervisor's Prometheus metrics on 127.0.0.1:PORT")
     parser.add_argument("--run-dir", help="logs and stack.json go here (default: runs/stack-TIME)")
     args = parser.parse_args(argv)
     try:
         config = load_stack_config(args.config, {
             "replicas.count": args.replicas, "gateway.port": args.port,
             "replicas.model_path": args.model, "fault_proxy.enabled": args.fault_proxies,
+            "replicas.standby": args.standby, "supervisor.enabled": args.supervise,
         })
     except ConfigError as e:
         print(f"unbroken up: {e}", file=sys.stderr)
@@ -530,8 +564,16 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
         print(f"unbroken up: the stack did not come up: {e}", file=sys.stderr)
         return 1
     print(_ready_text(stack), flush=True)
+    if stack.supervisor is not None and args.supervisor_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.supervisor_metrics_port, addr=LOOPBACK, registry=stack.supervisor.metrics.registry)
+        print(f"supervisor metrics http://{LOOPBACK}:{args.supervisor_metrics_port}/metrics", flush=True)
     try:
         while not stop.wait(1.0):
+            if stack.supervisor is not None:
+                stack.supervisor.write_status(stack.run_dir / "supervisor.json")
+                continue
             for p in stack.processes():
                 if p.proc is not None and not p.alive():
                     print(f"warning: {p.name} exited with {p.proc.returncode}; see {p.log_path}",

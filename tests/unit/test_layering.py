@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Floors, from the ground up. The base is a list of modules (the rest of ``unbroken`` is the top).
 BASE = ("unbroken.errors", "unbroken.http", "unbroken.config", "unbroken.contract", "unbroken.procs",
         "unbroken.__init__", "unbroken")
-STACK = ("unbroken.launcher", "unbroken.tinymodel")  # the top of unbroken, below loadtest
+STACK = ("unbroken.launcher", "unbroken.tinymodel", "unbroken.supervisor")  # the top of unbroken, below loadtest
 CLI = ("unbroken.cli",)  # the very top: dispatches to every entry point
 # layer -> the layers it may import (besides itself). A DAG: floors cannot form a cycle.
 ALLOWED: dict[str, set[str]] = {

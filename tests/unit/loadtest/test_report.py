@@ -28,7 +28,7 @@ def _run():
                 _rec(13, 0.2, ok=False, failure_kind="tokens_repeated")]
     records += [_rec(20 + t * 0.5, 0.2) for t in range(10)]
     faults = [{"action": "kill_replica", "target": "r0", "started_at_s": T0 + 10.4, "ended_at_s": T0 + 14,
-               "detected_at_s": T0 + 10.5, "detection_s": 0.1, "params": {}}]
+               "detected_at_s": T0 + 10.5, "detection_s": 0.1, "mttr_s": 3.25, "params": {}}]
     return records, faults
 
 
@@ -49,7 +49,8 @@ def test_summary_counts_what_happened_in_the_fault_window() -> None:
     assert f.p99_during_s == 1.5 and run.steady_p99_s == 0.2
     assert run.num_failovers == 1
     table = summary_table(run)
-    assert "| kill_replica r0 | 10.4 | 0.100 | 5 | 2 | 1 | 1/2 | 1 | 1.50 | 0.20 |" in table
+    assert f.mttr_s == 3.25
+    assert "| kill_replica r0 | 10.4 | 0.100 | 3.25 | 5 | 2 | 1 | 1/2 | 1 | 1.50 | 0.20 |" in table
 
 
 def test_report_files(tmp_path: Path) -> None:

@@ -138,6 +138,9 @@ class _RecordingInjector(FaultInjector):
         self.calls.append((time.monotonic(), "restart", which))
         self._end("kill_replica", which)
 
+    def heal_kill(self, which, wait=True):  # type: ignore[override]
+        self.restart_replica(which, wait)
+
     def heal(self, wait=True):  # type: ignore[override]
         self.calls.append((time.monotonic(), "heal", ""))
 

@@ -1,0 +1,79 @@
+"""The supervisor over a local :class:`~unbroken.launcher.Stack`: one program per replica and one
+per kvsync sidecar. A replica restarts on its own port (``Stack.restart_replica``), so the gateway's
+heartbeat finds it there and takes it back (as the standby when a standby was promoted in its place)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from unbroken.supervisor.metrics import SupervisorMetrics
+from unbroken.supervisor.runner import Supervisor, SupervisorEvent
+
+
+class Stack(Protocol):
+    """What the supervisor needs of :class:`unbroken.launcher.Stack` (which imports this module,
+    so it is described here rather than imported)."""
+
+    config: Any  # has .supervisor: SupervisorSection
+    replicas: Sequence[Any]  # ReplicaHandle: replica_id, process, kvsync, direct_url
+
+    def replica(self, which: int | str) -> Any: ...
+
+    def restart_replica(self, which: int | str, wait: bool = True) -> Any: ...
+
+    def restart_kvsync(self, which: int | str) -> None: ...
+
+
+class ReplicaTarget:
+    def __init__(self, stack: "Stack", replica_id: str) -> None:
+        self.stack = stack
+        self.name = replica_id
+
+    def alive(self) -> bool:
+        return self.stack.replica(self.name).process.alive()
+
+    def health_url(self) -> str | None:
+        return self.stack.replica(self.name).direct_url + "/health"
+
+    def kill(self) -> None:
+        self.stack.replica(self.name).process.kill()
+
+    def start(self) -> None:
+        if not self.alive():  # someone (a test, a fault's heal) may have started it already
+            self.stack.restart_replica(self.name, wait=False)
+
+
+class KVSyncTarget:
+    def __init__(self, stack: "Stack", replica_id: str) -> None:
+        self.stack = stack
+        self.replica_id = replica_id
+        self.name = f"kvsync-{replica_id}"
+
+    def _proc(self):  # type: ignore[no-untyped-def]
+        return self.stack.replica(self.replica_id).kvsync
+
+    def alive(self) -> bool:
+        p = self._proc()
+        return p is not None and p.alive()
+
+    def health_url(self) -> str | None:
+        p = self._proc()
+        return p.ready_url if p is not None else None
+
+    def kill(self) -> None:
+        p = self._proc()
+        if p is not None:
+            p.kill()
+
+    def start(self) -> None:
+        self.stack.restart_kvsync(self.replica_id)
+
+
+def supervise_stack(stack: "Stack", on_event: Callable[[SupervisorEvent], None] | None = None) -> Supervisor:
+    """Start supervising every replica and sidecar of a started stack."""
+    targets: list = []  # type: ignore[type-arg]
+    for r in stack.replicas:
+        targets.append(ReplicaTarget(stack, r.replica_id))
+        if r.kvsync is not None:
+            targets.append(KVSyncTarget(stack, r.replica_id))
+    return Supervisor(stack.config.supervisor, targets, metrics=SupervisorMetrics(), on_event=on_event).start()
