@@ -33,8 +33,19 @@ class ReplicasSection(Section):
     urls: list[str] = Field(default_factory=list, description="Static replica base URLs (http://host:port).")
     shared_token: str = Field("", description="Bearer token sent to replicas (they check it); empty = none.")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout to a replica.")
-    first_byte_timeout_s: float = Field(60.0, gt=0, description="Longest wait for a replica's response "
-                                                                "headers (prefill of a long prompt).")
+    kind: str = Field("auto", description="Kind of the static replicas: auto (ask each server what it is) | "
+                                          "unbroken | vllm | sglang | tgi | llamacpp | openai. See docs/backends.md.")
+    kinds: dict[str, str] = Field(default_factory=dict, description="Per-URL kind, overriding 'kind' "
+                                                                    "(URL -> kind).")
+    resume: dict[str, str] = Field(default_factory=dict, description="Per-kind resume mode override "
+                                   "(kind -> token | text | none), e.g. {vllm: none} to never continue a "
+                                   "partial answer by text.")
+    first_byte_timeout_s: float = Field(60.0, gt=0, description="First-token timeout: the longest wait for a "
+                                        "replica's response headers and its first token (prefill of a long "
+                                        "prompt); past it the attempt fails over to another replica.")
+    retry_after_default_s: float = Field(1.0, ge=0, description="A replica's 429 without Retry-After keeps it "
+                                         "out of routing this long.")
+    retry_after_max_s: float = Field(60.0, ge=0, description="Cap on the Retry-After a replica may ask for.")
     stall_timeout_s: float = Field(5.0, gt=0, description="A stream with no chunk for this long is stalled: "
                                                           "the gateway fails it over.")
     nonstream_timeout_s: float = Field(120.0, gt=0, description="Longest a non-stream replica call may take.")
@@ -110,6 +121,12 @@ class RetrySection(Section):
 class DegradationSection(Section):
     fallback_models: dict[str, str] = Field(default_factory=dict, description="Model -> fallback model group "
                                                                                "used when the model has no capacity.")
+    context_fallback_models: dict[str, str] = Field(
+        default_factory=dict, description="Model -> larger-context model group: a request a replica refuses "
+                                          "with context_length_exceeded is sent there (never resent unchanged).")
+    error_fallback_models: dict[str, list[str]] = Field(
+        default_factory=dict, description="Model -> models to try, in order, when every attempt on the model "
+                                          "failed (replica errors, no replica), not only when capacity is short.")
     overload_inflight_per_replica: int = Field(64, ge=1, description="Gateway in-flight requests per healthy "
                                                                      "replica above which capacity is short.")
     clamp_max_tokens: int = Field(256, ge=1, description="When short, non-critical max_tokens is clamped to this.")
@@ -165,6 +182,15 @@ class GatewayConfig(Section):
         from gateway.policies import POLICIES
 
         POLICIES.get(self.routing.policy)  # raises with the supported names
+        from gateway.backends import BACKENDS, ResumeMode
+
+        BACKENDS.get(self.replicas.kind)
+        for kind in self.replicas.kinds.values():
+            BACKENDS.get(kind)
+        for kind, mode in self.replicas.resume.items():
+            BACKENDS.get(kind)
+            if mode not in {m.value for m in ResumeMode}:
+                raise ValueError(f"replicas.resume[{kind!r}] must be token, text or none, got {mode!r}")
         if self.health.unhealthy_after_misses < self.health.suspect_after_misses:
             raise ValueError("health.unhealthy_after_misses must be >= health.suspect_after_misses")
         return self
