@@ -233,6 +233,8 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
     try:
         admission = await gw.degradation.admit(req, deadline)
     except UnbrokenError as e:  # the last tier: shed
+        if isinstance(e, NoReplicaError):
+            gw.relay.log_no_replica(req.model, e.message)
         gw.metrics.sheds.labels(_shed_reason(e), req.priority).inc()
         gw.metrics.degradations.labels("shed").inc()
         out_headers["X-Unbroken-Degraded"] = "shed"
