@@ -3,8 +3,7 @@
 Each kind says who it is somewhere else: the project's replicas at ``/state`` (with ``pid`` and
 ``kv_bytes_free``), vLLM at ``/version``, SGLang at ``/get_server_info`` or ``/get_model_info``,
 TGI at ``/info`` (``model_id``), llama.cpp's ``llama-server`` at ``/props``
-(``default_generation_settings``), llama-cpp-python in ``/v1/models`` (``owned_by: "me"``, a path
-to a ``.gguf``); anything else that answers ``/v1/models`` is ``openai``. Until one of them
+(``default_generation_settings``), llama-cpp-python in ``/v1/models`` (``owned_by: "me"``); anything else that answers ``/v1/models`` is ``openai``. Until one of them
 answers, every poll is a miss with the reason.
 """
 
@@ -60,8 +59,7 @@ async def detect_kind(session: aiohttp.ClientSession, url: str) -> tuple[str, st
     models = _obj(*await get_body(session, url + "/v1/models"))
     if models is not None and isinstance(models.get("data"), list):
         data = [m for m in models["data"] if isinstance(m, dict)]
-        if data and all(m.get("owned_by") == "me" for m in data) \
-                and any(str(m.get("id", "")).endswith(".gguf") for m in data):
+        if data and all(m.get("owned_by") == "me" for m in data):  # llama-cpp-python's server says so
             return "llamacpp", "llama-cpp-python"
         return "openai", ""
     raise ProbeError("not an OpenAI-compatible server: /state, /version, /get_server_info, /info, /props "
