@@ -55,6 +55,34 @@ class ReplicasSection(Section):
                                      "letting work through again is often a moment away.")
     max_connections_per_replica: int = Field(256, gt=0, description="Pooled connections per replica.")
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from gateway.backends import BACKENDS
+
+        BACKENDS.get(v)  # raises with the supported names
+        return v
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: dict[str, str]) -> dict[str, str]:
+        from gateway.backends import BACKENDS
+
+        for kind in v.values():
+            BACKENDS.get(kind)
+        return {url.rstrip("/"): kind for url, kind in v.items()}
+
+    @field_validator("resume")
+    @classmethod
+    def _known_modes(cls, v: dict[str, str]) -> dict[str, str]:
+        from gateway.backends import BACKENDS, ResumeMode
+
+        for kind, mode in v.items():
+            BACKENDS.get(kind)
+            if mode not in {m.value for m in ResumeMode}:
+                raise ValueError(f"resume[{kind!r}] must be token, text or none, got {mode!r}")
+        return v
+
 
 class RedisSection(Section):
     url: str = Field("", description="Redis for discovery, session placement and shared limits (empty = off).")
@@ -182,15 +210,7 @@ class GatewayConfig(Section):
         from gateway.policies import POLICIES
 
         POLICIES.get(self.routing.policy)  # raises with the supported names
-        from gateway.backends import BACKENDS, ResumeMode
 
-        BACKENDS.get(self.replicas.kind)
-        for kind in self.replicas.kinds.values():
-            BACKENDS.get(kind)
-        for kind, mode in self.replicas.resume.items():
-            BACKENDS.get(kind)
-            if mode not in {m.value for m in ResumeMode}:
-                raise ValueError(f"replicas.resume[{kind!r}] must be token, text or none, got {mode!r}")
         if self.health.unhealthy_after_misses < self.health.suspect_after_misses:
             raise ValueError("health.unhealthy_after_misses must be >= health.suspect_after_misses")
         return self

@@ -92,7 +92,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     def kind_of(rep) -> str:  # type: ignore[no-untyped-def]
         if rep.source is ReplicaSource.REGISTRY:
             return "unbroken"  # only the project's replicas announce themselves in Redis
-        return rcfg.kinds.get(rep.url) or rcfg.kinds.get(rep.url + "/") or rcfg.kind
+        return rcfg.kinds.get(rep.url) or rcfg.kind
 
     health = HealthMonitor(replicas, config.health, headers=headers, kind_of=kind_of,
                            resume_overrides=dict(rcfg.resume))
