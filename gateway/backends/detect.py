@@ -1,9 +1,9 @@
 """``kind: auto``: ask the server what it is, once it answers, then poll it as that kind.
 
-Each kind says who it is somewhere else: the project's replicas at ``/state`` (with ``pid`` and
-``kv_bytes_free``), vLLM at ``/version``, SGLang at ``/get_server_info`` or ``/get_model_info``,
-TGI at ``/info`` (``model_id``), llama.cpp's ``llama-server`` at ``/props``
-(``default_generation_settings``), llama-cpp-python in ``/v1/models`` (``owned_by: "me"``); anything else that answers ``/v1/models`` is ``openai``. Until one of them
+Each kind says who it is somewhere else, asked in this order: the project's replicas at ``/state``
+(with ``pid`` and ``kv_bytes_free``), SGLang at ``/get_server_info`` or ``/get_model_info``, TGI at
+``/info`` (``model_id``), llama.cpp's ``llama-server`` at ``/props`` (``default_generation_settings``),
+vLLM at ``/version`` (last of these: other engines may serve a ``/version`` too), llama-cpp-python in ``/v1/models`` (``owned_by: "me"``); anything else that answers ``/v1/models`` is ``openai``. Until one of them
 answers, every poll is a miss with the reason.
 """
 
@@ -41,9 +41,7 @@ async def detect_kind(session: aiohttp.ClientSession, url: str) -> tuple[str, st
     st = _obj(*await get_body(session, url + "/state"))
     if st is not None and "pid" in st and "kv_bytes_free" in st:
         return "unbroken", ""
-    v = _obj(*await get_body(session, url + "/version"))
-    if v is not None and isinstance(v.get("version"), str) and len(v) <= 2:
-        return "vllm", v["version"][:64]
+    # the engine-specific routes first; /version last, as more than one engine may serve one
     si = _obj(*await get_body(session, url + "/get_server_info"))
     if si is not None:
         return "sglang", str(si.get("version") or "")[:64]
@@ -56,14 +54,17 @@ async def detect_kind(session: aiohttp.ClientSession, url: str) -> tuple[str, st
     props = _obj(*await get_body(session, url + "/props"))
     if props is not None and ("default_generation_settings" in props or "total_slots" in props):
         return "llamacpp", str(props.get("build_info") or "")[:64]
+    v = _obj(*await get_body(session, url + "/version"))
+    if v is not None and isinstance(v.get("version"), str) and len(v) <= 2:
+        return "vllm", v["version"][:64]
     models = _obj(*await get_body(session, url + "/v1/models"))
     if models is not None and isinstance(models.get("data"), list):
         data = [m for m in models["data"] if isinstance(m, dict)]
         if data and all(m.get("owned_by") == "me" for m in data):  # llama-cpp-python's server says so
             return "llamacpp", "llama-cpp-python"
         return "openai", ""
-    raise ProbeError("not an OpenAI-compatible server: /state, /version, /get_server_info, /info, /props "
-                     "and /v1/models all failed")
+    raise ProbeError("not an OpenAI-compatible server: /state, /get_server_info, /get_model_info, /info, "
+                     "/props, /version and /v1/models all failed")
 
 
 @BACKENDS.register("auto")
