@@ -11,9 +11,8 @@ partition: every wait on it expires at once), sends an error it is to blame for,
 the request is re-sent to another replica with ``resume_token_ids`` = every id forwarded so far;
 the new replica's role chunk is dropped, and its chunks' ``id``, ``created`` and ``model`` are
 rewritten to the original ones. The client sees one stream: no repeated role chunk, no duplicated
-or missing token, the same id. Requests whose state cannot move (``n > 1``, several prompts,
-``logprobs``, ``echo``) fail over only before the first byte; a later failure ends their stream
-with an SSE error event.
+or missing token, the same id. Requests whose state could not move (``n > 1``, several prompts,
+``logprobs``, ``echo``) are refused at the edge by the contract.
 
 Non-stream requests are forwarded as non-stream and retried whole (nothing has been sent yet).
 """
@@ -39,7 +38,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest, RoutingPolicy
 from gateway.protocol import ClientRequest
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
-from gateway.resume import resume_body
+from gateway.resume import for_engine, resume_body
 from gateway.retry import AttemptError, RetryExecutor
 from gateway.stream_rewrite import DONE, DONE_EVENT, StreamRewriter
 from unbroken.errors import (
@@ -390,12 +389,13 @@ class Relay:
     # -- non-stream ------------------------------------------------------------------------------
 
     async def call_nonstream(self, ctx: RequestContext) -> tuple[int, bytes]:
-        payload = orjson.dumps(ctx.req.body)
+        payload_for = self._payloads(ctx)
         url_path = ctx.req.route
 
         async def attempt() -> tuple[int, bytes, Replica]:
             lease = self.select(ctx)
             rep = lease.replica
+            payload = payload_for(rep)
             assert self.session is not None
             try:
                 async with _watched(rep, self.config.replicas.nonstream_timeout_s):
@@ -428,6 +428,20 @@ class Relay:
         ctx.replica = rep
         ctx.status = status
         return status, body
+
+    @staticmethod
+    def _payloads(ctx: RequestContext) -> Callable[[Replica], bytes]:
+        """The body for a replica of each kind: the contract's serialization for the project's
+        replicas, and without the project's own defaults (``top_k: 0`` ...) for other engines."""
+        cache: dict[bool, bytes] = {}
+
+        def payload_for(rep: Replica) -> bytes:
+            engine = rep.kind != "unbroken"
+            if engine not in cache:
+                cache[engine] = orjson.dumps(for_engine(ctx.req.openai.to_body())) if engine else ctx.req.payload()
+            return cache[engine]
+
+        return payload_for
 
     # -- stream: opening ---------------------------------------------------------------------------
 
@@ -498,23 +512,23 @@ class Relay:
         """Open a stream for ``ctx``; with ``rw``, resume the stream ``rw`` has relayed so far on a
         replica that can continue it (``gateway/resume.py``)."""
         if rw is None:
-            payload = orjson.dumps(ctx.req.body)
-            return await self._with_retries(ctx, lambda: self._open_stream(ctx, lambda rep: payload))
+            return await self._with_retries(ctx, lambda: self._open_stream(ctx, self._payloads(ctx)))
         req = ctx.req
+        body = req.openai.to_body()
         modes = {"token", "text"} if rw.ids_complete else {"text"}
         bodies: dict[str, bytes | None] = {}
 
         def payload_for(rep: Replica) -> bytes:
             mode = rep.resume_mode(req.route)
             if mode not in bodies:
-                b = resume_body(req.body, req.route, mode, sent_ids=rw.sent_ids, sent_text=rw.text_so_far,
+                b = resume_body(body, req.route, mode, sent_ids=rw.sent_ids, sent_text=rw.text_so_far,
                                 num_tokens_sent=rw.num_tokens_sent)
-                bodies[mode] = None if b is None else orjson.dumps(b)
+                bodies[mode] = None if b is None else orjson.dumps(b if rep.kind == "unbroken" else for_engine(b))
             payload = bodies[mode]
             assert payload is not None  # select() only offers replicas of a usable mode
             return payload
 
-        usable = {m for m in modes if resume_body(req.body, req.route, m, sent_ids=[], sent_text="",
+        usable = {m for m in modes if resume_body(body, req.route, m, sent_ids=[], sent_text="",
                                                   num_tokens_sent=0) is not None}
         if not usable:
             raise AttemptError(UpstreamError("this request cannot be continued by text"), None, "not_resumable")

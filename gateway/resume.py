@@ -19,6 +19,16 @@ from typing import Any
 from gateway.protocol import CHAT_ROUTE
 
 
+# The project's own defaults that the contract's serialization always writes: another engine may not
+# know them (older vLLM refuses top_k 0), and leaving them out means the same.
+_PROJECT_DEFAULTS = {"top_k": 0, "min_tokens": 0, "ignore_eos": False}
+
+
+def for_engine(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` for another engine's OpenAI server: the project's neutral defaults left out."""
+    return {k: v for k, v in body.items() if not (k in _PROJECT_DEFAULTS and v == _PROJECT_DEFAULTS[k])}
+
+
 def resume_body(body: dict[str, Any], route: str, mode: str, *, sent_ids: list[int], sent_text: str,
                 num_tokens_sent: int) -> dict[str, Any] | None:
     if mode == "token":

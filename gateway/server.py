@@ -32,6 +32,7 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
+from unbroken.contract import headers as hdr
 from unbroken.errors import (
     ClientError,
     ContextLengthError,
@@ -45,7 +46,7 @@ from unbroken.http import error_middleware, error_response, json_response, read_
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("X-Session-ID", "X-Session-History", "X-Priority")
+_FORWARDED_HEADERS = hdr.FORWARDED
 
 
 @dataclass
@@ -272,8 +273,7 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
                     gw.metrics.model_fallbacks.labels(reason).inc()
                     log.info("request %s: model %r failed (%s: %s); trying model %r", request_id, req.model,
                              err.code, err.message[:200], nxt)
-                    req.model = route_req.model = nxt
-                    req.body = {**req.body, "model": nxt}
+                    req.openai.model = route_req.model = nxt
                     route_req.adapter = req.adapter
                     ctx.tried.clear()
                     continue

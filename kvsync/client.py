@@ -37,7 +37,7 @@ from kvsync.protocol import (
     decode_snapshot,
     encode_snapshot_parts,
 )
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from gateway.policies import Registry
 if TYPE_CHECKING:
     import aiohttp
 
-    from replica.protocol import ReplicaStateReport
+    from unbroken.contract.heartbeat import ReplicaStateReport
 
 
 class ResumeMode(str, enum.Enum):

@@ -20,7 +20,7 @@ from gateway.backends.engine import get_body
 if TYPE_CHECKING:
     import aiohttp
 
-    from replica.protocol import ReplicaStateReport
+    from unbroken.contract.heartbeat import ReplicaStateReport
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import orjson
 
 from gateway.backends import BackendTraits, ProbeError
 from gateway.backends.prom import gauges
-from replica.protocol import ReplicaStateReport
+from unbroken.contract.heartbeat import ReplicaStateReport
 
 if TYPE_CHECKING:
     import aiohttp

@@ -21,7 +21,7 @@ from gateway.backends.engine import EngineProbe, get_body
 if TYPE_CHECKING:
     import aiohttp
 
-    from replica.protocol import ReplicaStateReport
+    from unbroken.contract.heartbeat import ReplicaStateReport
 
 
 @BACKENDS.register("llamacpp")

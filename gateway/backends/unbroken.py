@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 from gateway.backends import BACKENDS, BackendTraits, ProbeError, ResumeMode
 from gateway.backends.engine import get_body, json_object
 
+from unbroken.contract.heartbeat import ReplicaStateReport
+
 if TYPE_CHECKING:
     import aiohttp
-
-    from replica.protocol import ReplicaStateReport
 
 
 @BACKENDS.register("unbroken")
@@ -27,13 +27,11 @@ class UnbrokenProbe:
         self.models: list[str] = []
 
     async def poll(self, session: aiohttp.ClientSession, url: str) -> ReplicaStateReport:
-        from gateway.replicaset import report_from_json
-
         code, body = await get_body(session, url + "/state")
         if code != 200:
             raise ProbeError(f"/state answered {code}")
         try:
-            return report_from_json(json_object(body, "/state"))
+            return ReplicaStateReport.from_dict(json_object(body, "/state"))
         except (ValueError, TypeError) as e:
             raise ProbeError(f"/state is malformed: {e}") from None
 
