@@ -4,7 +4,8 @@ reads them all.
 - OpenAI / the project's replicas / vLLM >= 0.10: ``{"error": {"message", "type", "param", "code"}}``
   (vLLM's ``code`` is the HTTP status, an int);
 - SGLang and older vLLM: the same fields flat, ``{"object": "error", "message", "type", "code"}``;
-- TGI: ``{"error": "message", "error_type": "validation" | "overloaded" | "generation" | ...}``.
+- TGI: ``{"error": "message", "error_type": "validation" | "overloaded" | "generation" | ...}``;
+- llama.cpp's llama-server: ``{"error": {"code": 400, "message", "type": "exceed_context_size_error" | ...}}``.
 
 :func:`normalize_error` also names two errors every engine words differently:
 ``context_length_exceeded`` (the prompt plus ``max_tokens`` does not fit; never resent unchanged)
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_CONTEXT_RE = re.compile(r"maximum context length|context length|context window|too many tokens|"
+_CONTEXT_RE = re.compile(r"maximum context length|context length|context window|context size|too many tokens|"
                          r"must be <= \d+|exceeds? the (?:model'?s? )?(?:max|context)", re.I)
 _POLICY_CODES = {"content_policy_violation", "content_filter"}
 
@@ -42,7 +43,8 @@ def normalize_error(obj: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(code, str):
         e["code"] = None
         code = None
-    if code not in ("context_length_exceeded", *_POLICY_CODES) and _CONTEXT_RE.search(message):
+    if code not in ("context_length_exceeded", *_POLICY_CODES) and (
+            _CONTEXT_RE.search(message) or e.get("type") == "exceed_context_size_error"):
         e["code"] = "context_length_exceeded"
     elif code in _POLICY_CODES:
         e["code"] = "content_policy_violation"

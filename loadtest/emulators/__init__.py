@@ -1,4 +1,4 @@
-"""Emulators of other engines' OpenAI servers (vLLM, SGLang, TGI) for gateway tests: each follows
+"""Emulators of other engines' OpenAI servers (vLLM, SGLang, TGI, llama.cpp's llama-server) for gateway tests: each follows
 its project's HTTP API for a cited version (routes, bodies, SSE form, error bodies, metric names)
 and generates deterministic text, with a knob for every misbehaviour the gateway must survive.
 See :mod:`loadtest.emulators.base` for the knobs and :func:`make_emulator` for the kinds."""

@@ -14,7 +14,10 @@ Followed (names and shapes checked against each project's documentation):
   ``/info``, ``/v1/models``, errors ``{"error": "...", "error_type": "validation" | "overloaded" |
   "generation"}`` (422 for validation), metrics ``tgi_queue_size``, ``tgi_batch_current_size``,
   no assistant prefix (refused with 422 here).
-All three stream ``data: {json}\\n\\n`` chunks (``chat.completion.chunk`` / ``text_completion``), a
+- llama.cpp's llama-server (tools/server/README.md, 2025): ``/health`` (``{"status": "ok"}``), ``/props``,
+  ``/slots``, errors ``{"error": {"code", "message", "type"}}`` (``exceed_context_size_error``), metrics
+  ``llamacpp:requests_processing``, ``llamacpp:requests_deferred``, ``llamacpp:kv_cache_usage_ratio``.
+All of them stream ``data: {json}\\n\\n`` chunks (``chat.completion.chunk`` / ``text_completion``), a
 final chunk with ``finish_reason``, an optional usage chunk (``stream_options.include_usage``) and
 ``data: [DONE]``.
 """
@@ -203,7 +206,48 @@ class TGIFlavor(Flavor):
                 f"# TYPE tgi_batch_current_max_tokens gauge\ntgi_batch_current_max_tokens 0\n")
 
 
-FLAVORS: dict[str, type[Flavor]] = {"vllm": VLLMFlavor, "sglang": SGLangFlavor, "tgi": TGIFlavor}
+class LlamaServerFlavor(Flavor):
+    """llama.cpp's ``llama-server`` (followed: tools/server/README.md, 2025), started with ``--metrics``."""
+
+    kind = "llamacpp"
+    version = "b6000"
+    accepts_prefix = False  # the gateway resumes llama.cpp chat streams "none" (llama-cpp-python cannot)
+    info_routes = {
+        "/props": lambda e: {"default_generation_settings": {"n_ctx": e.knobs.max_model_len, "params": {}},
+                             "total_slots": 2, "model_path": f"/models/{e.model}.gguf",
+                             "chat_template": "", "build_info": LlamaServerFlavor.version},
+        "/slots": lambda e: [{"id": i, "n_ctx": e.knobs.max_model_len, "is_processing": i < e.num_running}
+                             for i in range(2)],
+    }
+    _types = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error", 503: "unavailable_error"}
+
+    def error_body(self, status: int, message: str, kind: str) -> dict[str, Any]:
+        return {"error": {"code": status, "message": message, "type": self._types.get(status, "server_error")}}
+
+    def context_error(self, max_len: int, num_prompt: int, max_tokens: int) -> web.Response:
+        body = {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing "
+                                                  "it", "type": "exceed_context_size_error",
+                          "n_prompt_tokens": num_prompt, "n_ctx": max_len}}
+        return web.Response(body=orjson.dumps(body), status=400, content_type="application/json")
+
+    def models_body(self, e: EngineEmulator) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": e.model, "object": "model", "created": int(time.time()),
+                                            "owned_by": "llamacpp", "meta": {"n_ctx_train": e.knobs.max_model_len}}]}
+
+    def health_response(self, e: EngineEmulator) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def metrics_text(self, e: EngineEmulator, running: int, waiting: int, kv: float) -> str:
+        return (f"# HELP llamacpp:requests_processing Number of requests processing.\n"
+                f"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {running}\n"
+                f"# HELP llamacpp:requests_deferred Number of requests deferred.\n"
+                f"# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred {waiting}\n"
+                f"# HELP llamacpp:kv_cache_usage_ratio KV-cache usage. 1 means 100 percent usage.\n"
+                f"# TYPE llamacpp:kv_cache_usage_ratio gauge\nllamacpp:kv_cache_usage_ratio {kv}\n")
+
+
+FLAVORS: dict[str, type[Flavor]] = {"vllm": VLLMFlavor, "sglang": SGLangFlavor, "tgi": TGIFlavor,
+                                    "llamacpp": LlamaServerFlavor}
 
 
 def make_emulator(kind: str, knobs: EmulatorKnobs | None = None, *, model: str = "qwen",

@@ -20,7 +20,8 @@ from loadtest.emulators import EmulatorKnobs, EngineEmulator, expected_text, mak
 
 pytestmark = pytest.mark.asyncio
 
-KINDS = ["vllm", "sglang", "tgi"]
+KINDS = ["vllm", "sglang", "tgi", "llamacpp"]
+NO_CHAT_RESUME = ("tgi", "llamacpp")
 N = 24
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": N,
         "stream": True}
@@ -121,7 +122,7 @@ async def test_kind_is_detected_and_its_load_routes(pair: list[EngineEmulator]) 
                 reps = (await r.json())["replicas"]
         assert {r["kind"] for r in reps} == {kind}
         assert {r["backend_version"] for r in reps} == {pair[0].flavor.version}
-        assert reps[0]["resume"] == {"chat": "none" if kind == "tgi" else "text", "completions": "text"}
+        assert reps[0]["resume"] == {"chat": "none" if kind in NO_CHAT_RESUME else "text", "completions": "text"}
         busy = gw.gateway.replicas.find(pair[0].url)
         deadline = asyncio.get_running_loop().time() + 5
         while (busy.report is None or busy.report.num_running != 7) and asyncio.get_running_loop().time() < deadline:
@@ -262,7 +263,7 @@ async def test_mid_stream_fault(pair: list[EngineEmulator], fault: str, body: di
                   or any(isinstance(e, dict) and (e.get("unbroken") or {}).get("failovers") for e in events)]
         assert len(broken) == 1, "the fault hit exactly one of the two streams"
         events = broken[0]
-        resumable = not (kind == "tgi" and body is CHAT)
+        resumable = not (kind in NO_CHAT_RESUME and body is CHAT)
         if resumable:
             assert_complete(events, body)
             stamp = [e["unbroken"] for e in events if isinstance(e, dict) and "unbroken" in e]

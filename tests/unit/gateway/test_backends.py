@@ -54,6 +54,9 @@ def test_prometheus_gauges_sum_label_sets_and_skip_garbage() -> None:
            "error_type": "validation"}, ContextLengthError),  # TGI
     (400, {"error": {"message": "refused", "type": "invalid_request_error", "code": "content_policy_violation"}},
      ContentPolicyError),
+    (400, {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                     "type": "exceed_context_size_error", "n_prompt_tokens": 30, "n_ctx": 20}},
+     ContextLengthError),  # llama-server
     (503, {"error": "Model is overloaded", "error_type": "overloaded"}, OverloadedError),  # TGI
     (500, {"object": "error", "message": "boom", "type": "InternalServerError", "code": 500}, UpstreamError),
 ])
