@@ -13,6 +13,19 @@ from pydantic import Field, field_validator, model_validator
 
 from unbroken.config import Section, load_config
 
+# The policies gateway/policies registers (a test holds the two equal); named here so that the
+# config does not import the policies, which import the config.
+POLICY_NAMES = ("least_load", "power_of_two", "round_robin")
+# The replica kinds of gateway/backends/ (a test checks the registry holds exactly these) and the
+# resume modes (docs/backends.md).
+KIND_NAMES = ("auto", "llamacpp", "openai", "sglang", "tgi", "unbroken", "vllm")
+RESUME_MODES = ("token", "text", "none")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KIND_NAMES:
+        raise ValueError(f"unknown replica kind {kind!r}; supported: {', '.join(KIND_NAMES)}")
+
 ENV_PREFIX = "UNBROKEN_GATEWAY"
 
 
@@ -58,28 +71,22 @@ class ReplicasSection(Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        from gateway.backends import BACKENDS
-
-        BACKENDS.get(v)  # raises with the supported names
+        _check_kind(v)
         return v
 
     @field_validator("kinds")
     @classmethod
     def _known_kinds(cls, v: dict[str, str]) -> dict[str, str]:
-        from gateway.backends import BACKENDS
-
         for kind in v.values():
-            BACKENDS.get(kind)
+            _check_kind(kind)
         return {url.rstrip("/"): kind for url, kind in v.items()}
 
     @field_validator("resume")
     @classmethod
     def _known_modes(cls, v: dict[str, str]) -> dict[str, str]:
-        from gateway.backends import BACKENDS, ResumeMode
-
         for kind, mode in v.items():
-            BACKENDS.get(kind)
-            if mode not in {m.value for m in ResumeMode}:
+            _check_kind(kind)
+            if mode not in RESUME_MODES:
                 raise ValueError(f"resume[{kind!r}] must be token, text or none, got {mode!r}")
         return v
 
@@ -207,10 +214,8 @@ class GatewayConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "GatewayConfig":
-        from gateway.policies import POLICIES
-
-        POLICIES.get(self.routing.policy)  # raises with the supported names
-
+        if self.routing.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown routing policy {self.routing.policy!r}; supported: {', '.join(POLICY_NAMES)}")
         if self.health.unhealthy_after_misses < self.health.suspect_after_misses:
             raise ValueError("health.unhealthy_after_misses must be >= health.suspect_after_misses")
         return self

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.backends import BACKENDS, BackendProbe, BackendTraits, ProbeError, ResumeMode, make_probe
+from gateway.backends.base import BACKENDS, BackendProbe, BackendTraits, ProbeError, ResumeMode, make_probe
 from gateway.backends.engine import get_body
 
 if TYPE_CHECKING:

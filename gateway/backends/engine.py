@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from gateway.backends import BackendTraits, ProbeError
+from gateway.backends.base import BackendTraits, ProbeError
 from gateway.backends.prom import gauges
 from unbroken.contract.heartbeat import ReplicaStateReport
 

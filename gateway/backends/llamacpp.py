@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.backends import BACKENDS, BackendTraits, ProbeError, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ProbeError, ResumeMode
 from gateway.backends.engine import EngineProbe, get_body
 
 if TYPE_CHECKING:

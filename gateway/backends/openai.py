@@ -4,7 +4,7 @@ in-flight count, resumed ``none`` (it promises no way to continue a partial answ
 
 from __future__ import annotations
 
-from gateway.backends import BACKENDS, BackendTraits, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ResumeMode
 from gateway.backends.engine import EngineProbe
 
 

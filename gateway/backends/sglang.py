@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from gateway.backends import BACKENDS, BackendTraits, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ResumeMode
 from gateway.backends.engine import EngineProbe
 
 

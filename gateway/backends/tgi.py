@@ -13,7 +13,7 @@ Messages API).
 
 from __future__ import annotations
 
-from gateway.backends import BACKENDS, BackendTraits, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ResumeMode
 from gateway.backends.engine import EngineProbe
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.backends import BACKENDS, BackendTraits, ProbeError, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ProbeError, ResumeMode
 from gateway.backends.engine import get_body, json_object
 
 from unbroken.contract.heartbeat import ReplicaStateReport

@@ -12,7 +12,7 @@ server; names checked against the v0.32 metrics page).
 
 from __future__ import annotations
 
-from gateway.backends import BACKENDS, BackendTraits, ResumeMode
+from gateway.backends.base import BACKENDS, BackendTraits, ResumeMode
 from gateway.backends.engine import EngineProbe
 
 

@@ -16,7 +16,9 @@ from unbroken.errors import ContentPolicyError, ContextLengthError, OverloadedEr
 
 
 def test_registry_lists_the_supported_kinds() -> None:
-    assert BACKENDS.names() == ["auto", "llamacpp", "openai", "sglang", "tgi", "unbroken", "vllm"]
+    from gateway.config import KIND_NAMES
+
+    assert BACKENDS.names() == ["auto", "llamacpp", "openai", "sglang", "tgi", "unbroken", "vllm"] == list(KIND_NAMES)
     with pytest.raises(ValueError, match="supported: auto, llamacpp, openai, sglang, tgi, unbroken, vllm"):
         make_probe("ollama-ish")
     assert make_probe("vllm").traits.resume_chat is ResumeMode.TEXT
