@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica", action="append", metavar="URL", help="a replica base URL (repeatable)")
     parser.add_argument("--standby-replica", action="append", metavar="URL",
                         help="a warm standby replica's base URL (repeatable): out of rotation until promoted")
+    parser.add_argument("--replica-kind", metavar="KIND", help="kind of the --replica servers: auto | unbroken | "
+                        "vllm | sglang | tgi | llamacpp | openai (default: auto, asked of each server)")
     parser.add_argument("--redis-url", help="Redis for discovery and shared state")
     parser.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
     args = parser.parse_args(argv)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_gateway_config(path, {
             "server.port": args.port, "server.host": args.host, "replicas.urls": args.replica,
             "replicas.standby_urls": args.standby_replica,
+            "replicas.kind": args.replica_kind,
             "redis.url": args.redis_url, "server.workers": args.workers,
         })
     except ConfigError as e:

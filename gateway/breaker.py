@@ -12,10 +12,13 @@ what is a failure (a client's 4xx never is). It knows nothing of heartbeats (see
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import deque
 
 from gateway.config import BreakerSection
+
+log = logging.getLogger(__name__)
 
 
 class BreakerState(str, enum.Enum):
@@ -25,8 +28,9 @@ class BreakerState(str, enum.Enum):
 
 
 class CircuitBreaker:
-    def __init__(self, config: BreakerSection, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: BreakerSection, clock=time.monotonic, name: str = "") -> None:  # type: ignore[no-untyped-def]
         self.config = config
+        self.name = name  # for the log line when it opens
         self._clock = clock
         self.state = BreakerState.CLOSED
         self.num_consecutive_failures = 0
@@ -87,12 +91,18 @@ class CircuitBreaker:
             self._num_probes_in_flight = max(0, self._num_probes_in_flight - 1)
 
     def _trip(self) -> None:
+        log.warning("breaker of %s opened (%s): %d consecutive failures, %d of the last %d outcomes failed; "
+                    "probing again in %.1fs", self.name or "a replica",
+                    "probe failed" if self.state is BreakerState.HALF_OPEN else "closed -> open",
+                    self.num_consecutive_failures, self._num_window_failures, len(self._window),
+                    self.config.open_duration_s)
         self.state = BreakerState.OPEN
         self._opened_at_s = self._clock()
         self.num_trips += 1
         self._num_probes_in_flight = 0
 
     def _close(self) -> None:
+        log.info("breaker of %s closed: the probes succeeded", self.name or "a replica")
         self.state = BreakerState.CLOSED
         self.num_consecutive_failures = 0
         self._window.clear()

@@ -17,6 +17,15 @@ from unbroken.config import ConfigError, Section, load_config
 # The policies gateway/policies registers (a test holds the two equal); named here so that the
 # config does not import the policies, which import the config.
 POLICY_NAMES = ("least_load", "power_of_two", "round_robin")
+# The replica kinds of gateway/backends/ (a test checks the registry holds exactly these) and the
+# resume modes (docs/backends.md).
+KIND_NAMES = ("auto", "llamacpp", "openai", "sglang", "tgi", "unbroken", "vllm")
+RESUME_MODES = ("token", "text", "none")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KIND_NAMES:
+        raise ValueError(f"unknown replica kind {kind!r}; supported: {', '.join(KIND_NAMES)}")
 
 ENV_PREFIX = "UNBROKEN_GATEWAY"
 
@@ -43,8 +52,19 @@ class ReplicasSection(Section):
     urls: list[str] = Field(default_factory=list, description="Static replica base URLs (http://host:port).")
     shared_token: str = Field("", description="Bearer token sent to replicas (they check it); empty = none.")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout to a replica.")
-    first_byte_timeout_s: float = Field(60.0, gt=0, description="Longest wait for a replica's response "
-                                                                "headers (prefill of a long prompt).")
+    kind: str = Field("auto", description="Kind of the static replicas: auto (ask each server what it is) | "
+                                          "unbroken | vllm | sglang | tgi | llamacpp | openai. See docs/backends.md.")
+    kinds: dict[str, str] = Field(default_factory=dict, description="Per-URL kind, overriding 'kind' "
+                                                                    "(URL -> kind).")
+    resume: dict[str, str] = Field(default_factory=dict, description="Per-kind resume mode override "
+                                   "(kind -> token | text | none), e.g. {vllm: none} to never continue a "
+                                   "partial answer by text.")
+    first_byte_timeout_s: float = Field(60.0, gt=0, description="First-token timeout: the longest wait for a "
+                                        "replica's response headers and its first token (prefill of a long "
+                                        "prompt); past it the attempt fails over to another replica.")
+    retry_after_default_s: float = Field(1.0, ge=0, description="A replica's 429 without Retry-After keeps it "
+                                         "out of routing this long.")
+    retry_after_max_s: float = Field(60.0, ge=0, description="Cap on the Retry-After a replica may ask for.")
     stall_timeout_s: float = Field(5.0, gt=0, description="A stream with no chunk for this long is stalled: "
                                                           "the gateway fails it over.")
     nonstream_timeout_s: float = Field(120.0, gt=0, description="Longest a non-stream replica call may take.")
@@ -57,6 +77,28 @@ class ReplicasSection(Section):
                                     "heartbeating but never routed to until one is promoted in place of a "
                                     "replica declared unhealthy (the failed one becomes the standby when it "
                                     "is back).")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        _check_kind(v)
+        return v
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: dict[str, str]) -> dict[str, str]:
+        for kind in v.values():
+            _check_kind(kind)
+        return {url.rstrip("/"): kind for url, kind in v.items()}
+
+    @field_validator("resume")
+    @classmethod
+    def _known_modes(cls, v: dict[str, str]) -> dict[str, str]:
+        for kind, mode in v.items():
+            _check_kind(kind)
+            if mode not in RESUME_MODES:
+                raise ValueError(f"resume[{kind!r}] must be token, text or none, got {mode!r}")
+        return v
 
 
 class RedisSection(Section):
@@ -157,6 +199,12 @@ class RetrySection(Section):
 class DegradationSection(Section):
     fallback_models: dict[str, str] = Field(default_factory=dict, description="Model -> fallback model group "
                                                                                "used when the model has no capacity.")
+    context_fallback_models: dict[str, str] = Field(
+        default_factory=dict, description="Model -> larger-context model group: a request a replica refuses "
+                                          "with context_length_exceeded is sent there (never resent unchanged).")
+    error_fallback_models: dict[str, list[str]] = Field(
+        default_factory=dict, description="Model -> models to try, in order, when every attempt on the model "
+                                          "failed (replica errors, no replica), not only when capacity is short.")
     overload_inflight_per_replica: int = Field(64, ge=1, description="Gateway in-flight requests per healthy "
                                                                      "replica above which capacity is short.")
     clamp_max_tokens: int = Field(256, ge=1, description="When short, non-critical max_tokens is clamped to this.")

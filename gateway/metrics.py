@@ -42,7 +42,12 @@ class ReplicaCollector(Collector):
         trips = GaugeMetricFamily(PREFIX + "replica_breaker_trips",
                                   "Times the replica's breaker opened since this gateway process started.",
                                   labels=["replica"])
+        kind = GaugeMetricFamily(PREFIX + "replica_backend_info",
+                                 "1 per replica: its kind and how its streams resume (token: exact; text: inexact "
+                                 "continuation of the partial answer; none: fail over only before the first byte).",
+                                 labels=["replica", "kind", "resume_chat", "resume_completions"])
         for rep in self.replicas:
+            kind.add_metric([rep.replica_id, rep.kind, rep.resume_chat, rep.resume_completions], 1.0)
             for s in ReplicaState:
                 health.add_metric([rep.replica_id, s.value], 1.0 if rep.state is s else 0.0)
             if rep.breaker is not None:
@@ -67,6 +72,7 @@ class ReplicaCollector(Collector):
                                          "Standbys put into rotation in place of a failed replica.")
         promotions.add_metric([], float(self.replicas.num_promotions))
         yield promotions
+        yield kind
         q = GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for capacity in the degradation queue.")
         q.add_metric([], float(self._queue_depth()))
         yield q
@@ -106,6 +112,14 @@ class GatewayMetrics:
                                     registry=r)
         self.sheds = Counter(PREFIX + "sheds", "Requests shed, by tier and priority.", ["tier", "priority"],
                              registry=r)
+        self.resumes = Counter(PREFIX + "resumes", "Streams continued on another replica after their first byte, by "
+                               "mode (token: exact; text: the partial answer as a prefix, inexact) and the kind of "
+                               "replica that continued it.", ["mode", "kind"], registry=r)
+        self.replica_rate_limited = Counter(PREFIX + "replica_rate_limited", "429 answers from replicas (each "
+                                            "keeps that replica out of routing for its Retry-After).", ["replica"],
+                                            registry=r)
+        self.model_fallbacks = Counter(PREFIX + "model_fallbacks", "Requests sent to another model group, by why "
+                                       "(context_length, error).", ["reason"], registry=r)
         self.session_moves = Counter(PREFIX + "session_moves", "Sessions moved to another replica.", registry=r)
         self.auth_failures = Counter(PREFIX + "auth_failures", "Requests refused by authentication.", ["reason"],
                                      registry=r)

@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.backends.errors import engine_error, is_error_event
 from gateway.config import GatewayConfig
 from gateway.health import HealthMonitor
 from gateway.lease import AttemptLease, Outcome
@@ -37,21 +38,22 @@ from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest, RoutingPolicy
 from gateway.protocol import ClientRequest
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
+from gateway.resume import for_engine, resume_body
 from gateway.retry import AttemptError, RetryExecutor
 from gateway.stream_rewrite import DONE, DONE_EVENT, StreamRewriter
 from unbroken.errors import (
     ClientError,
     NoReplicaError,
+    OverloadedError,
     UnbrokenError,
     UpstreamError,
-    error_from_event,
-    error_from_response,
 )
 from unbroken.http import sse_error_event
 
 log = logging.getLogger(__name__)
 
 NO_REPLICA_POLL_S = 0.05
+NO_REPLICA_LOG_EVERY_S = 10.0  # per replica and model: an outage logs its reasons, not every request
 
 
 class _watched:
@@ -129,6 +131,8 @@ class RequestContext:
     tiers: list[str] = field(default_factory=list)
     num_completion_tokens: int = 0
     num_prompt_tokens: int = 0  # from the replica's usage event, when the stream carries one
+    # While a broken stream is being resumed: the resume modes a replica must offer for this route.
+    resume_modes: frozenset[str] | None = None
 
 
 class Upstream:
@@ -215,6 +219,7 @@ class Relay:
         self._nonstream_timeout = aiohttp.ClientTimeout(total=rc.nonstream_timeout_s, sock_connect=rc.connect_timeout_s)
         self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=rc.connect_timeout_s)
         self._attempt_counters: dict[tuple[str, str], Any] = {}
+        self._no_replica_logged: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -234,18 +239,62 @@ class Relay:
     def select(self, ctx: RequestContext) -> AttemptLease:
         """Pick a replica for ``ctx`` and take a lease on it (released once, by the attempt)."""
         model = ctx.req.model
-        cands = self.replicas.candidates(model, ctx.tried)
+        now = time.monotonic()
+        modes, route = ctx.resume_modes, ctx.req.route
+
+        def usable(reps: list[Replica]) -> list[Replica]:
+            # a replica that answered 429 is left alone until its Retry-After; while resuming, only
+            # replicas that can continue the stream in a mode we have the state for
+            return [r for r in reps if r.cooldown_until_s <= now and (modes is None or r.resume_mode(route) in modes)]
+
+        cands = usable(self.replicas.candidates(model, ctx.tried))
         if not cands:
-            cands = self.replicas.candidates(model)  # every one was tried: after backoff, try again
+            cands = usable(self.replicas.candidates(model))  # every one was tried: after backoff, try again
         if not cands and ctx.req.adapter and self.config.routing.adapter_affinity:
-            cands = self.replicas.candidates(ctx.req.base_model)
+            cands = usable(self.replicas.candidates(ctx.req.base_model))
         rep = self.policy.select(cands, ctx.route) if cands else None
         if rep is None:
-            err = NoReplicaError(f"no replica in rotation can serve model {model!r} right now",
-                                 retry_after_s=self.config.degradation.retry_after_s)
+            why = "none can resume this stream" if modes is not None and self.replicas.candidates(model) else ""
+            self.log_no_replica(model, why)
+            err = NoReplicaError(f"no replica in rotation can serve model {model!r} right now"
+                                 + (f" ({why})" if why else ""), retry_after_s=self.config.degradation.retry_after_s)
             raise AttemptError(err, None, "no_replica")
         ctx.tried.add(rep)
         return AttemptLease(rep)
+
+    def log_no_replica(self, model: str, headline: str = "") -> None:
+        """Say why no replica could take a request for ``model``: one line per replica and reason,
+        at most every :data:`NO_REPLICA_LOG_EVERY_S` per replica."""
+        now = time.monotonic()
+        last = self._no_replica_logged
+        reasons = []
+        for rep in self.replicas:
+            why = self.replicas.why_not_routable(rep, model, now) or "in rotation but refused by routing"
+            key = (rep.url, model)
+            if now - last.get(key, -NO_REPLICA_LOG_EVERY_S) >= NO_REPLICA_LOG_EVERY_S:
+                last[key] = now
+                reasons.append(f"{rep.replica_id} ({rep.kind}): {why}")
+        if reasons:
+            log.warning("no_replica_available for model %r%s: %s", model, f" ({headline})" if headline else "",
+                        "; ".join(reasons))
+        elif not len(self.replicas) and now - last.get(("", model), -NO_REPLICA_LOG_EVERY_S) >= NO_REPLICA_LOG_EVERY_S:
+            last[("", model)] = now
+            log.warning("no_replica_available for model %r: no replica is configured or discovered", model)
+
+    def _cool_down(self, rep: Replica, retry_after: str | None) -> float:
+        """``rep`` answered 429: keep it out of routing for its Retry-After (seconds form; the
+        default when absent or unreadable), capped."""
+        rc = self.config.replicas
+        try:
+            wait_s = float(retry_after) if retry_after is not None else rc.retry_after_default_s
+        except ValueError:
+            wait_s = rc.retry_after_default_s
+        wait_s = min(max(0.0, wait_s), rc.retry_after_max_s)
+        rep.cooldown_until_s = max(rep.cooldown_until_s, time.monotonic() + wait_s)
+        self.metrics.replica_rate_limited.labels(rep.replica_id).inc()
+        log.info("replica %s answered 429%s; kept out of routing for %.1fs", rep.replica_id,
+                 f" (Retry-After: {retry_after})" if retry_after is not None else " without Retry-After", wait_s)
+        return wait_s
 
     def _count_attempt(self, rep: Replica, outcome: str) -> None:
         key = (rep.replica_id, outcome)
@@ -341,12 +390,13 @@ class Relay:
     # -- non-stream ------------------------------------------------------------------------------
 
     async def call_nonstream(self, ctx: RequestContext) -> tuple[int, bytes]:
-        payload = ctx.req.payload()
+        payload_for = self._payloads(ctx)
         url_path = ctx.req.route
 
         async def attempt() -> tuple[int, bytes, Replica]:
             lease = self.select(ctx)
             rep = lease.replica
+            payload = payload_for(rep)
             assert self.session is not None
             try:
                 async with _watched(rep, self.config.replicas.nonstream_timeout_s):
@@ -354,13 +404,21 @@ class Relay:
                                                  timeout=self._nonstream_timeout) as resp:
                         body = await resp.read()
                         status = resp.status
+                        retry_after = resp.headers.get("Retry-After")
             except asyncio.CancelledError:
                 lease.release(Outcome.NEUTRAL)
                 raise
             except (TimeoutError, *_BROKEN_ERRORS) as e:
                 raise self._fail(lease, *_io_failure(rep, e, "timed out")) from None
-            if status >= 500 or status == 429:
-                raise self._refused(lease, error_from_response(status, _json_object(body)))
+            if status == 429:
+                wait_s = self._cool_down(rep, retry_after)
+                raise self._fail(lease, OverloadedError(f"replica {rep.replica_id} is rate limiting",
+                                                        retry_after_s=wait_s), "rate_limited", Outcome.NEUTRAL)
+            if status >= 400:
+                err = engine_error(status, _json_object(body))
+                if not isinstance(err, ClientError):
+                    raise self._refused(lease, err)
+                raise self._fail(lease, err, "client_error", Outcome.SUCCESS)  # a client's 4xx: a working replica
             lease.release(Outcome.SUCCESS)  # a client's 4xx is a working replica
             self._count_attempt(rep, "ok" if status < 400 else "client_error")
             return status, body, rep
@@ -372,11 +430,26 @@ class Relay:
         ctx.status = status
         return status, body
 
+    @staticmethod
+    def _payloads(ctx: RequestContext) -> Callable[[Replica], bytes]:
+        """The body for a replica of each kind: the contract's serialization for the project's
+        replicas, and without the project's own defaults (``top_k: 0`` ...) for other engines."""
+        cache: dict[bool, bytes] = {}
+
+        def payload_for(rep: Replica) -> bytes:
+            engine = rep.kind != "unbroken"
+            if engine not in cache:
+                cache[engine] = orjson.dumps(for_engine(ctx.req.openai.to_body())) if engine else ctx.req.payload()
+            return cache[engine]
+
+        return payload_for
+
     # -- stream: opening ---------------------------------------------------------------------------
 
-    async def _open_stream(self, ctx: RequestContext, payload: bytes) -> Upstream:
+    async def _open_stream(self, ctx: RequestContext, payload_for: Callable[[Replica], bytes]) -> Upstream:
         lease = self.select(ctx)
         rep = lease.replica
+        payload = payload_for(rep)
         assert self.session is not None
         rc = self.config.replicas
         try:
@@ -384,8 +457,12 @@ class Relay:
                 resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=ctx.forward_headers,
                                                timeout=self._stream_timeout)
                 lease.attach(resp)
+                if resp.status == 429:
+                    wait_s = self._cool_down(rep, resp.headers.get("Retry-After"))
+                    raise self._fail(lease, OverloadedError(f"replica {rep.replica_id} is rate limiting",
+                                                            retry_after_s=wait_s), "rate_limited", Outcome.NEUTRAL)
                 if resp.status != 200:
-                    err = error_from_response(resp.status, _json_object(await resp.read()))
+                    err = engine_error(resp.status, _json_object(await resp.read()))
                     if isinstance(err, ClientError):
                         raise self._fail(lease, err, "client_error", Outcome.SUCCESS)
                     raise self._refused(lease, err)
@@ -416,8 +493,11 @@ class Relay:
                     up.pending = batch[i:]
                     break
                 obj = orjson.loads(p)
-                if "error" in obj:
-                    err = error_from_event(obj)
+                if not isinstance(obj, dict):
+                    raise self._fail(up.lease, UpstreamError(f"replica {rep.replica_id} sent a malformed event"),
+                                     "malformed")
+                if is_error_event(obj):
+                    err = engine_error(None, obj)
                     if isinstance(err, ClientError):
                         raise self._fail(up.lease, err, "client_error", Outcome.NEUTRAL)
                     if not err.blames_replica:
@@ -429,9 +509,35 @@ class Relay:
                     break
                 up.prefix.append(p)
 
-    async def open_stream(self, ctx: RequestContext, resume_token_ids: list[int] | None = None) -> Upstream:
-        payload = ctx.req.payload(resume_token_ids)
-        return await self._with_retries(ctx, lambda: self._open_stream(ctx, payload))
+    async def open_stream(self, ctx: RequestContext, rw: StreamRewriter | None = None) -> Upstream:
+        """Open a stream for ``ctx``; with ``rw``, resume the stream ``rw`` has relayed so far on a
+        replica that can continue it (``gateway/resume.py``)."""
+        if rw is None:
+            return await self._with_retries(ctx, lambda: self._open_stream(ctx, self._payloads(ctx)))
+        req = ctx.req
+        body = req.openai.to_body()
+        modes = {"token", "text"} if rw.ids_complete else {"text"}
+        bodies: dict[str, bytes | None] = {}
+
+        def payload_for(rep: Replica) -> bytes:
+            mode = rep.resume_mode(req.route)
+            if mode not in bodies:
+                b = resume_body(body, req.route, mode, sent_ids=rw.sent_ids, sent_text=rw.text_so_far,
+                                num_tokens_sent=rw.num_tokens_sent)
+                bodies[mode] = None if b is None else orjson.dumps(b if rep.kind == "unbroken" else for_engine(b))
+            payload = bodies[mode]
+            assert payload is not None  # select() only offers replicas of a usable mode
+            return payload
+
+        usable = {m for m in modes if resume_body(body, req.route, m, sent_ids=[], sent_text="",
+                                                  num_tokens_sent=0) is not None}
+        if not usable:
+            raise AttemptError(UpstreamError("this request cannot be continued by text"), None, "not_resumable")
+        ctx.resume_modes = frozenset(usable)
+        try:
+            return await self._with_retries(ctx, lambda: self._open_stream(ctx, payload_for))
+        finally:
+            ctx.resume_modes = None
 
     # -- stream: relaying and failing over -------------------------------------------------------
 
@@ -541,12 +647,16 @@ class Relay:
         log.info("request %s: %s on %s after %d tokens; resuming elsewhere", ctx.request_id, reason,
                  failed.replica.replica_id, len(rw.sent_ids))
         try:
-            up = await self.open_stream(ctx, resume_token_ids=list(rw.sent_ids))
+            up = await self.open_stream(ctx, rw)
         except AttemptError as e:
-            self.metrics.failover_failures.labels("no_replica").inc()
+            self.metrics.failover_failures.labels("no_replica" if e.reason != "not_resumable" else
+                                                  "not_resumable").inc()
             ctx.status = 502
             return None, sse_error_event(UpstreamError(
                 f"the replica failed mid-stream and no other could resume it: {e.error.message}"))
+        mode = up.replica.resume_mode(ctx.req.route)
+        rw.note_resume(mode)
+        self.metrics.resumes.labels(mode, up.replica.kind).inc()
         rw.begin_upstream(up.prefix)  # the new replica's role chunk is dropped
         ctx.replica = up.replica
         return up, b""
@@ -554,6 +664,8 @@ class Relay:
     def _why_not_resumable(self, ctx: RequestContext) -> str | None:
         if not ctx.req.transferable:
             return "not_transferable"
+        if not any(r.resume_mode(ctx.req.route) != "none" for r in self.replicas if r.serves(ctx.req.model)):
+            return "no_replica_can_resume"
         if ctx.num_failovers >= self.config.retry.max_failovers:
             return "too_many_failovers"
         if time.monotonic() >= ctx.deadline_s:

@@ -75,6 +75,16 @@ class Replica:
     standby: bool = False
     stability: StabilityScore = field(default_factory=StabilityScore)
     num_breaker_trips_seen: int = 0
+    # What kind of server it is (docs/backends.md) and how far its streams resume elsewhere.
+    kind: str = "unbroken"
+    backend_version: str = ""
+    resume_chat: str = "token"
+    resume_completions: str = "token"
+    load_signal: str = ""
+    kv_signal: str = ""
+    # Until when it is kept out of routing because it answered 429 (Retry-After), monotonic.
+    cooldown_until_s: float = 0.0
+    state_reason: str = ""  # why it last entered its state
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -104,6 +114,14 @@ class Replica:
             return True  # nothing reported: do not guess
         return num_prompt_tokens * r.kv_bytes_per_token <= r.kv_bytes_free
 
+    def cooling_down(self, now_s: float) -> bool:
+        return self.cooldown_until_s > now_s
+
+    def resume_mode(self, route: str) -> str:
+        from gateway.protocol import CHAT_ROUTE
+
+        return self.resume_chat if route == CHAT_ROUTE else self.resume_completions
+
     def serves(self, model: str) -> bool:
         return model in self.models
 
@@ -113,9 +131,15 @@ class Replica:
             "replica_id": self.replica_id,
             "url": self.url,
             "source": self.source.value,
+            "kind": self.kind,
+            "backend_version": self.backend_version or None,
+            "resume": {"chat": self.resume_chat, "completions": self.resume_completions},
+            "signals": {"load": self.load_signal or None, "kv": self.kv_signal or None},
             "state": self.state.value,
             "role": "standby" if self.standby else "active",
             "stability": self.stability.to_admin_dict(time.monotonic()),
+            "state_reason": self.state_reason or None,
+            "cooling_down_s": round(max(0.0, self.cooldown_until_s - time.monotonic()), 3) or None,
             "breaker": self.breaker.state.value if self.breaker else None,
             "gateway_inflight": self.num_inflight,
             "models": sorted(self.models),
@@ -181,7 +205,7 @@ class ReplicaSet:
                 existing.replica_id = replica_id
             return existing
         rep = Replica(url=url, source=source, replica_id=replica_id,
-                      breaker=CircuitBreaker(self._breaker_config), standby=standby,
+                      breaker=CircuitBreaker(self._breaker_config, name=url), standby=standby,
                       stability=StabilityScore(self._stability_config))
         if models:
             rep.registry_models = tuple(models)
@@ -207,22 +231,32 @@ class ReplicaSet:
                 return rep
         return None
 
-    def set_state(self, rep: Replica, state: ReplicaState) -> None:
+    def set_state(self, rep: Replica, state: ReplicaState, reason: str = "") -> None:
         if rep.admin_draining:
             state = ReplicaState.DRAINING
         elif rep.standby and state in (ReplicaState.HEALTHY, ReplicaState.SUSPECT):
             state = ReplicaState.STANDBY  # ready, but never in rotation until promoted
         if rep.state is not state:
-            was = rep.state
+            old = rep.state
             rep.state = state
-            if state is ReplicaState.UNHEALTHY and was is not ReplicaState.UNHEALTHY:
+            rep.state_reason = reason
+            if state is ReplicaState.UNHEALTHY and old is not ReplicaState.UNHEALTHY:
                 rep.stability.record(Incident.FAILURE, self._clock())
             elif state is ReplicaState.SUSPECT:
                 rep.stability.record(Incident.STALL, self._clock())
+            if state is ReplicaState.HEALTHY:
+                log.info("replica %s (%s, %s) joined rotation (was %s)%s", rep.replica_id, rep.url, rep.kind,
+                         old.value, f": {reason}" if reason else "")
+            elif old is ReplicaState.HEALTHY:
+                log.warning("replica %s (%s) left rotation: %s%s", rep.replica_id, rep.url, state.value,
+                            f" ({reason})" if reason else "")
+            else:
+                log.info("replica %s (%s) is %s (was %s)%s", rep.replica_id, rep.url, state.value, old.value,
+                         f": {reason}" if reason else "")
             self.refresh()
             self._emit("state", rep)
             if state is ReplicaState.UNHEALTHY:
-                if not rep.standby and was in (ReplicaState.HEALTHY, ReplicaState.SUSPECT, ReplicaState.DRAINING):
+                if not rep.standby and old in (ReplicaState.HEALTHY, ReplicaState.SUSPECT, ReplicaState.DRAINING):
                     self.promote_standby(replacing=rep)
                 self._move_work_off(rep)
             elif state is ReplicaState.HEALTHY:
@@ -260,7 +294,8 @@ class ReplicaSet:
                     rep.expire_waits()
                     return
 
-    def set_report(self, rep: Replica, report: ReplicaStateReport) -> None:
+    def set_report(self, rep: Replica, report: ReplicaStateReport, served: Iterable[str] = ()) -> None:
+        """``served``: every model id an engine lists (several for LoRA modules), beyond the report's."""
         now = self._clock()
         if rep.report is not None and report.pid and rep.report.pid and report.pid != rep.report.pid:
             rep.stability.record(Incident.RESTART, now)
@@ -270,8 +305,8 @@ class ReplicaSet:
         rep.report = report
         if report.replica_id and report.replica_id != rep.replica_id:
             rep.replica_id = report.replica_id
-        models = frozenset([report.model, *(f"{report.model}:{a}" for a in report.adapters)]) if report.model \
-            else frozenset(rep.registry_models)
+        models = frozenset([report.model, *(f"{report.model}:{a}" for a in report.adapters), *served]) \
+            if report.model else frozenset(rep.registry_models)
         if models != rep.models:
             rep.models = models
             self.refresh()
@@ -311,6 +346,19 @@ class ReplicaSet:
             return []
         ex = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         return [r for r in reps if r not in ex and (r.breaker is None or r.breaker.allows_request())]
+
+    def why_not_routable(self, rep: Replica, model: str, now_s: float) -> str:
+        """One replica's reason for not taking a request for ``model`` now ("" if it could)."""
+        if model not in rep.models:
+            return f"does not serve {model!r}" if rep.models else \
+                f"has not reported its models ({rep.last_heartbeat_error or rep.state.value})"
+        if rep.state is not ReplicaState.HEALTHY:
+            return f"{rep.state.value}: {rep.state_reason or rep.last_heartbeat_error or 'no heartbeat yet'}"
+        if rep.breaker is not None and rep.breaker.state is BreakerState.OPEN:
+            return "breaker open"
+        if rep.cooling_down(now_s):
+            return f"answered 429, cooling down {rep.cooldown_until_s - now_s:.1f}s more"
+        return ""
 
     def breaker_open(self, rep: Replica) -> bool:
         return rep.breaker is not None and rep.breaker.state is not BreakerState.CLOSED

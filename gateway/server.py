@@ -36,6 +36,7 @@ from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
 from unbroken.contract import headers as hdr
 from unbroken.errors import (
+    ClientError,
     ContextLengthError,
     ModelNotFoundError,
     NoReplicaError,
@@ -92,7 +93,15 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     for url in config.replicas.standby_urls:
         replicas.add(url, ReplicaSource.STATIC, standby=True)
     headers = {"Authorization": f"Bearer {config.replicas.shared_token}"} if config.replicas.shared_token else {}
-    health = HealthMonitor(replicas, config.health, headers=headers)
+    rcfg = config.replicas
+
+    def kind_of(rep) -> str:  # type: ignore[no-untyped-def]
+        if rep.source is ReplicaSource.REGISTRY:
+            return "unbroken"  # only the project's replicas announce themselves in Redis
+        return rcfg.kinds.get(rep.url) or rcfg.kind
+
+    health = HealthMonitor(replicas, config.health, headers=headers, kind_of=kind_of,
+                           resume_overrides=dict(rcfg.resume))
     metrics = GatewayMetrics()
     placements = SessionPlacements()
     base_policy = make_policy(config.routing.policy, config.routing)
@@ -199,6 +208,7 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         req = parse_request(route, body, request.headers, gw.replicas.default_model)
         if req.model not in gw.replicas.all_models:
             if not gw.replicas.all_models:
+                gw.relay.log_no_replica(req.model, "no replica has reported its models yet")
                 raise NoReplicaError("no replica has reported its models yet",
                                      retry_after_s=cfg.degradation.retry_after_s)
             raise ModelNotFoundError(f"model {req.model!r} does not exist; available: "
@@ -271,6 +281,8 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
     try:
         admission = await gw.degradation.admit(req, deadline)
     except UnbrokenError as e:  # the last tier: shed
+        if isinstance(e, NoReplicaError):
+            gw.relay.log_no_replica(req.model, e.message)
         gw.metrics.sheds.labels(_shed_reason(e), req.priority).inc()
         gw.metrics.degradations.labels("shed").inc()
         out_headers["X-Unbroken-Degraded"] = "shed"
@@ -294,19 +306,34 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
         ctx = RequestContext(req=req, request_id=request_id, started_s=started, deadline_s=deadline,
                              forward_headers=fwd, route=route_req, tiers=admission.tiers)
         route_req.exclude = ctx.tried
-        try:
-            if req.stream:
-                up = await gw.relay.open_stream(ctx)
-            else:
-                status, body = await gw.relay.call_nonstream(ctx)
-        except AttemptError as e:
-            out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
-            if e.replica is not None:
-                out_headers["X-Replica-ID"] = e.replica.replica_id
-            err = e.error
-            lease.release(0)
-            return error_response(err, headers=out_headers), err.status, \
-                e.replica.replica_id if e.replica else "none"
+        fallbacks = _FallbackPlan(cfg.degradation.context_fallback_models, cfg.degradation.error_fallback_models,
+                                  req.model)
+        while True:
+            try:
+                if req.stream:
+                    up = await gw.relay.open_stream(ctx)
+                else:
+                    status, body = await gw.relay.call_nonstream(ctx)
+                break
+            except AttemptError as e:
+                err = e.error
+                nxt = fallbacks.next_model(err, gw.replicas.known_models())
+                if nxt is not None and time.monotonic() < deadline:
+                    reason = "context_length" if isinstance(err, ContextLengthError) else "error"
+                    gw.metrics.model_fallbacks.labels(reason).inc()
+                    log.info("request %s: model %r failed (%s: %s); trying model %r", request_id, req.model,
+                             err.code, err.message[:200], nxt)
+                    req.openai.model = route_req.model = nxt
+                    route_req.adapter = req.adapter
+                    ctx.tried.clear()
+                    continue
+                out_headers["X-Unbroken-Retries"] = str(ctx.num_retries)
+                if e.replica is not None:
+                    out_headers["X-Replica-ID"] = e.replica.replica_id
+                lease.release(0)
+                return error_response(err, headers=out_headers), err.status, \
+                    e.replica.replica_id if e.replica else "none"
+        out_headers["X-Unbroken-Model"] = req.model
         assert ctx.replica is not None or req.stream
         if req.stream:
             out_headers["X-Replica-ID"] = up.replica.replica_id
@@ -328,6 +355,36 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
         return resp, status, ctx.replica.replica_id
     finally:
         gw.degradation.release(admission)
+
+
+class _FallbackPlan:
+    """Which model a failed request tries next: a prompt too long for its model goes to the
+    configured larger-context group (never resent unchanged); replica failures walk the model's
+    error fallback list. Client mistakes (and content-policy refusals) are never retried."""
+
+    def __init__(self, context: dict[str, str], errors: dict[str, list[str]], model: str) -> None:
+        self._context = context
+        self._errors = list(errors.get(model) or ())
+        self._tried = {model}
+        self._model = model
+
+    def next_model(self, err: UnbrokenError, known: frozenset[str]) -> str | None:
+        if isinstance(err, ContextLengthError):
+            nxt = self._context.get(self._model)
+            if nxt and nxt not in self._tried:
+                self._tried.add(nxt)
+                self._model = nxt
+                return nxt
+            return None
+        if isinstance(err, ClientError):
+            return None
+        while self._errors:
+            nxt = self._errors.pop(0)
+            if nxt not in self._tried and nxt in known:
+                self._tried.add(nxt)
+                self._model = nxt
+                return nxt
+        return None
 
 
 async def models_handler(request: web.Request) -> web.Response:

@@ -9,7 +9,12 @@ After a failover (a *resumed* stream):
 - every rewritten chunk carries the first replica's ``id``, ``created`` and ``model``;
 - the usage chunk counts every token the client received (the new replica only counted its own),
   for requests whose state moved (``transferable``);
-- the final chunk and the usage chunk carry ``unbroken: {failovers, replica_id}``.
+- the final chunk and the usage chunk carry ``unbroken: {failovers, replica_id}`` (and, after a
+  text-mode resume, ``resume: "text", exact: false``).
+
+It also keeps what a text-mode resume needs (the answer's text so far and its chunk count), and a
+payload that is not a JSON object (a malformed event) is a failure of the replica, never an
+exception in the middle of the client's open response.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 import orjson
 
-from unbroken.errors import UnbrokenError, error_from_event
+from gateway.backends.errors import engine_error, is_error_event
+from unbroken.errors import UnbrokenError, UpstreamError
 from unbroken.http import sse_error_event
 
 DONE = b"[DONE]"
@@ -49,10 +55,32 @@ class StreamRewriter:
         self.orig_model = first_obj.get("model")
         self.transferable = transferable
         self.sent_ids: list[int] = []  # token ids of choice 0 that reached the client
+        self.sent_text: list[str] = []  # text of choice 0 that reached the client
+        self.num_content_chunks = 0  # chunks of choice 0 with text (one token each from the engines)
+        self.ids_complete = True  # every such chunk carried its token_ids: an exact resume is possible
         self.finish_seen = False  # a finish_reason was relayed: only [DONE] may still be missing
         self.resumed = False
         self.num_prompt_tokens = 0  # from the usage event, when the stream carries one
+        self.resume_mode = ""  # "token" | "text" once resumed
+        self.num_tokens_before_text_resume = 0
         self._num_upstreams = 0
+
+    @property
+    def num_tokens_sent(self) -> int:
+        return len(self.sent_ids) if self.ids_complete else self.num_content_chunks
+
+    @property
+    def text_so_far(self) -> str:
+        return "".join(self.sent_text)
+
+    def note_resume(self, mode: str) -> None:
+        """The next upstream continues this stream in ``mode`` ("token" or "text")."""
+        if mode == "text":  # its chunks carry no ids to trust: count tokens by chunk from here on
+            self.num_tokens_before_text_resume = self.num_tokens_sent
+            self.ids_complete = False
+            self.resume_mode = "text"
+        elif self.resume_mode != "text":
+            self.resume_mode = "token"
 
     def begin_upstream(self, opening: list[bytes]) -> bytes:
         """A replica's stream opens with ``opening`` (the events before its first content event,
@@ -70,9 +98,15 @@ class StreamRewriter:
             if p == DONE:
                 out.append(DONE_EVENT)
                 return RewrittenBatch(b"".join(out), done=True)
-            obj = orjson.loads(p)
-            if "error" in obj:
-                err = error_from_event(obj)
+            try:
+                obj = orjson.loads(p)
+            except orjson.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict):
+                return RewrittenBatch(b"".join(out), failure=UpstreamError(
+                    f"replica {replica_id} sent a malformed event: {p[:80]!r}"))
+            if is_error_event(obj):
+                err = engine_error(None, obj)
                 if err.blames_replica:
                     return RewrittenBatch(b"".join(out), failure=err)
                 out.append(sse_error_event(err))
@@ -88,23 +122,45 @@ class StreamRewriter:
         choices = obj.get("choices")
         if choices:
             for ch in choices:
+                if not isinstance(ch, dict):
+                    continue
                 if ch.get("index", 0) == 0:
                     ids = ch.get("token_ids")
+                    delta = ch.get("delta")
+                    text = ch.get("text") if "text" in ch else (delta.get("content") if isinstance(delta, dict)
+                                                                else None)
+                    if isinstance(text, str) and text:
+                        self.sent_text.append(text)
+                        self.num_content_chunks += 1
+                        if not ids:
+                            self.ids_complete = False
                     if ids:
                         self.sent_ids.extend(ids)
                 if ch.get("finish_reason"):
                     self.finish_seen = True
                     changed = True
-                    obj["unbroken"] = {"failovers": num_failovers, "replica_id": replica_id}
+                    obj["unbroken"] = self._stamp(num_failovers, replica_id)
         elif obj.get("usage") is not None:
             changed = True
-            if isinstance(obj["usage"], dict):
-                self.num_prompt_tokens = int(obj["usage"].get("prompt_tokens") or 0)
-            if self.resumed and self.transferable:
-                usage = obj["usage"]
-                usage["completion_tokens"] = len(self.sent_ids)
-                usage["total_tokens"] = int(usage.get("prompt_tokens") or 0) + len(self.sent_ids)
-            obj["unbroken"] = {"failovers": num_failovers, "replica_id": replica_id}
+            usage = obj["usage"]
+            if isinstance(usage, dict):
+                self.num_prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            if self.resumed and self.transferable and isinstance(usage, dict):
+                if self.resume_mode == "text":  # the new replica counted its own tokens and our prefix
+                    before = self.num_tokens_before_text_resume
+                    usage["completion_tokens"] = before + int(usage.get("completion_tokens") or 0)
+                    usage["prompt_tokens"] = max(0, int(usage.get("prompt_tokens") or 0) - before)
+                else:
+                    usage["completion_tokens"] = len(self.sent_ids)
+                usage["total_tokens"] = int(usage.get("prompt_tokens") or 0) + int(usage["completion_tokens"])
+            obj["unbroken"] = self._stamp(num_failovers, replica_id)
         if changed and self.resumed:
             obj["id"], obj["created"], obj["model"] = self.orig_id, self.orig_created, self.orig_model
         return changed
+
+    def _stamp(self, num_failovers: int, replica_id: str) -> dict[str, Any]:
+        stamp: dict[str, Any] = {"failovers": num_failovers, "replica_id": replica_id}
+        if self.resume_mode == "text":
+            stamp["resume"] = "text"
+            stamp["exact"] = False
+        return stamp

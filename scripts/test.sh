@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv (scripts/setup.sh: torch 2.13.0 first, then the project
 # with its test extras; skipped when already satisfied) and run them. This is what CI runs.
-# Extra arguments go to pytest (e.g. tests/unit, -k failover, -m slow).
+# Extra arguments go to pytest (e.g. tests/unit, -k failover, -m slow; a slow run adds the engines extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=$(./scripts/setup.sh replica,test,load)
+extras=replica,test,load
+# The slow tests also run a real llama.cpp server: its extra builds llama.cpp from source (minutes),
+# so only a run that selects slow tests installs it.
+case " $* " in *slow*) extras="$extras,engines" ;; esac
+py=$(./scripts/setup.sh "$extras")
 if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/bin/promtool ]; then
     # promtool (from Debian's prometheus package) checks the /metrics expositions. Only its binary
     # is unpacked into .tools/: installing the package would also start a Prometheus server.

@@ -74,6 +74,13 @@ class ContextLengthError(ClientError):
     code = "context_length_exceeded"
 
 
+class ContentPolicyError(ClientError):
+    """The model refused the request on a content policy: passed on, never retried on that model."""
+
+    status = 400
+    code = "content_policy_violation"
+
+
 class PayloadTooLargeError(ClientError):
     status = 413
     code = "payload_too_large"
@@ -169,6 +176,7 @@ _ERROR_CLASSES: tuple[type[UnbrokenError], ...] = (
     InvalidRequestError,
     ValidationError,
     ContextLengthError,
+    ContentPolicyError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ModelNotFoundError,
