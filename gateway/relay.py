@@ -33,32 +33,25 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.health import HealthMonitor
+from gateway.lease import AttemptLease, Outcome
 from gateway.metrics import GatewayMetrics
 from gateway.policies import RouteRequest, RoutingPolicy
 from gateway.protocol import ClientRequest
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
 from gateway.retry import AttemptError, RetryExecutor
+from gateway.stream_rewrite import DONE, DONE_EVENT, StreamRewriter
 from unbroken.errors import (
-    AuthenticationError,
     ClientError,
-    ContextLengthError,
-    DrainingError,
-    InternalError,
-    InvalidRequestError,
-    ModelNotFoundError,
     NoReplicaError,
-    OverloadedError,
-    RateLimitError,
     UnbrokenError,
     UpstreamError,
-    ValidationError,
+    error_from_event,
     error_from_response,
 )
 from unbroken.http import sse_error_event
 
 log = logging.getLogger(__name__)
 
-DONE = b"[DONE]"
 NO_REPLICA_POLL_S = 0.05
 
 
@@ -85,23 +78,25 @@ class _watched:
 def _timeout_reason(rep: Replica, default: str = "timeout") -> str:
     """``lost`` when the wait ended because the replica was declared unhealthy."""
     return "lost" if rep.state is ReplicaState.UNHEALTHY else default
-_ERRORS_BY_CODE: dict[str, tuple[int, type[UnbrokenError]]] = {
-    cls.code: (cls.status, cls) for cls in (  # type: ignore[misc]
-        InvalidRequestError, ValidationError, ContextLengthError, ModelNotFoundError, AuthenticationError,
-        RateLimitError, OverloadedError, DrainingError, UpstreamError, InternalError)
-}
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, ConnectionRefusedError)
 _BROKEN_ERRORS = (aiohttp.ClientError, ConnectionError, OSError, asyncio.IncompleteReadError)
 
 
-def error_from_event(obj: dict[str, Any]) -> UnbrokenError:
-    """An error a replica sent inside a stream (no HTTP status there: use the code)."""
-    err = obj.get("error") or {}
-    code = err.get("code")
-    status = _ERRORS_BY_CODE.get(code, (500, UpstreamError))[0] if isinstance(code, str) else 500
-    if status == 500 and err.get("type") == "invalid_request_error":
-        status = 400
-    return error_from_response(status, obj)
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _io_failure(rep: Replica, e: BaseException, timeout_message: str) -> tuple[UnbrokenError, str]:
+    """An exception of the I/O with ``rep`` as the error and the attempt's reason."""
+    if isinstance(e, TimeoutError):
+        return UpstreamError(f"replica {rep.replica_id} {timeout_message}"), _timeout_reason(rep)
+    if isinstance(e, _CONNECT_ERRORS):
+        return UpstreamError(f"replica {rep.replica_id} unreachable: {e}"), "connect"
+    return UpstreamError(f"replica {rep.replica_id} failed: {e}"), "closed"
 
 
 def _is_content_event(obj: dict[str, Any]) -> bool:
@@ -137,16 +132,18 @@ class RequestContext:
 
 
 class Upstream:
-    """An open response from one replica; holds the replica's in-flight slot until finished."""
+    """An open response from one replica; its lease holds the replica's in-flight slot until
+    :meth:`finish`."""
 
-    def __init__(self, replica: Replica, resp: aiohttp.ClientResponse) -> None:
-        self.replica = replica
+    def __init__(self, lease: AttemptLease, resp: aiohttp.ClientResponse) -> None:
+        lease.attach(resp)
+        self.lease = lease
+        self.replica = lease.replica
         self.resp = resp
         self.prefix: list[bytes] = []  # events before the first content event (the role chunk)
         self.first_obj: dict[str, Any] | None = None
         self.pending: list[bytes] = []  # payloads read but not yet relayed (from the first content event on)
         self._buf = b""
-        self._finished = False
 
     async def read_batch(self) -> list[bytes] | None:
         """The SSE ``data:`` payloads of the next network read(s): at least one, or None at the end.
@@ -173,22 +170,13 @@ class Upstream:
             if out:
                 return out
 
-    def finish(self, success: bool | None) -> None:
-        """``True``/``False``: the replica's outcome for its breaker; ``None``: says nothing about it."""
-        if self._finished:
-            return
-        self._finished = True
-        rep = self.replica
-        rep.num_inflight -= 1
-        if rep.breaker is not None:
-            if success is None:
-                rep.breaker.release_probe()
-            else:
-                rep.breaker.record_outcome(success)
-        if success:
-            self.resp.release()
-        else:
-            self.resp.close()  # drop the connection: the replica cancels the generation
+    def take_pending(self) -> list[bytes]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def finish(self, outcome: Outcome) -> None:
+        """End the attempt (the first call counts): see :meth:`AttemptLease.release`."""
+        self.lease.release(outcome)
 
 
 class TTFTTracker:
@@ -243,7 +231,8 @@ class Relay:
 
     # -- selection -------------------------------------------------------------------------------
 
-    def select(self, ctx: RequestContext) -> Replica:
+    def select(self, ctx: RequestContext) -> AttemptLease:
+        """Pick a replica for ``ctx`` and take a lease on it (released once, by the attempt)."""
         model = ctx.req.model
         cands = self.replicas.candidates(model, ctx.tried)
         if not cands:
@@ -256,10 +245,7 @@ class Relay:
                                  retry_after_s=self.config.degradation.retry_after_s)
             raise AttemptError(err, None, "no_replica")
         ctx.tried.add(rep)
-        rep.num_inflight += 1
-        if rep.breaker is not None:
-            rep.breaker.on_dispatch()
-        return rep
+        return AttemptLease(rep)
 
     def _count_attempt(self, rep: Replica, outcome: str) -> None:
         key = (rep.replica_id, outcome)
@@ -268,20 +254,22 @@ class Relay:
             c = self._attempt_counters[key] = self.metrics.upstream_attempts.labels(rep.replica_id, outcome)
         c.inc()
 
-    def _fail(self, rep: Replica, err: UnbrokenError, reason: str, resp: aiohttp.ClientResponse | None = None,
-              blame: bool = True) -> AttemptError:
-        rep.num_inflight -= 1
-        if rep.breaker is not None:
-            if blame:
-                rep.breaker.record_outcome(False)
-            else:
-                rep.breaker.release_probe()
-        if resp is not None:
-            resp.close()
+    def _fail(self, lease: AttemptLease, err: UnbrokenError, reason: str,
+              outcome: Outcome = Outcome.FAILURE) -> AttemptError:
+        """End a failed attempt: release its lease with ``outcome``, count it, and return the error
+        for the retry executor."""
+        lease.release(outcome)
+        rep = lease.replica
         if reason == "connect":
             self.health.mark_suspect(rep, err.message)
         self._count_attempt(rep, reason)
         return AttemptError(err, rep, reason)
+
+    def _refused(self, lease: AttemptLease, err: UnbrokenError) -> AttemptError:
+        """The replica answered ``err`` instead of a stream or a body: the replica's fault or not."""
+        if err.blames_replica:
+            return self._fail(lease, err, "status_5xx")
+        return self._fail(lease, err, "overloaded", Outcome.NEUTRAL)
 
     # -- retries and hedging ---------------------------------------------------------------------
 
@@ -357,7 +345,8 @@ class Relay:
         url_path = ctx.req.route
 
         async def attempt() -> tuple[int, bytes, Replica]:
-            rep = self.select(ctx)
+            lease = self.select(ctx)
+            rep = lease.replica
             assert self.session is not None
             try:
                 async with _watched(rep, self.config.replicas.nonstream_timeout_s):
@@ -366,28 +355,13 @@ class Relay:
                         body = await resp.read()
                         status = resp.status
             except asyncio.CancelledError:
-                rep.num_inflight -= 1
-                if rep.breaker is not None:
-                    rep.breaker.release_probe()
+                lease.release(Outcome.NEUTRAL)
                 raise
-            except _CONNECT_ERRORS as e:
-                raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} unreachable: {e}"), "connect") from None
-            except asyncio.TimeoutError:
-                raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} timed out"), _timeout_reason(rep)) \
-                    from None
-            except _BROKEN_ERRORS as e:
-                raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} failed: {e}"), "closed") from None
+            except (TimeoutError, *_BROKEN_ERRORS) as e:
+                raise self._fail(lease, *_io_failure(rep, e, "timed out")) from None
             if status >= 500 or status == 429:
-                try:
-                    parsed = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                err = error_from_response(status, parsed if isinstance(parsed, dict) else None)
-                raise self._fail(rep, err, "status_5xx" if err.blames_replica else "overloaded",
-                                 blame=err.blames_replica)
-            rep.num_inflight -= 1
-            if rep.breaker is not None:
-                rep.breaker.record_outcome(True)  # a client's 4xx is a working replica
+                raise self._refused(lease, error_from_response(status, _json_object(body)))
+            lease.release(Outcome.SUCCESS)  # a client's 4xx is a working replica
             self._count_attempt(rep, "ok" if status < 400 else "client_error")
             return status, body, rep
 
@@ -398,79 +372,62 @@ class Relay:
         ctx.status = status
         return status, body
 
-    # -- stream ----------------------------------------------------------------------------------
+    # -- stream: opening ---------------------------------------------------------------------------
 
     async def _open_stream(self, ctx: RequestContext, payload: bytes) -> Upstream:
-        rep = self.select(ctx)
+        lease = self.select(ctx)
+        rep = lease.replica
         assert self.session is not None
-        resp: aiohttp.ClientResponse | None = None
         rc = self.config.replicas
         try:
             async with _watched(rep, min(rc.first_byte_timeout_s, max(0.001, ctx.deadline_s - time.monotonic()))):
                 resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=ctx.forward_headers,
                                                timeout=self._stream_timeout)
+                lease.attach(resp)
                 if resp.status != 200:
-                    body = await resp.read()
-                    try:
-                        parsed = orjson.loads(body)
-                    except orjson.JSONDecodeError:
-                        parsed = None
-                    err = error_from_response(resp.status, parsed if isinstance(parsed, dict) else None)
+                    err = error_from_response(resp.status, _json_object(await resp.read()))
                     if isinstance(err, ClientError):
-                        rep.num_inflight -= 1
-                        if rep.breaker is not None:
-                            rep.breaker.record_outcome(True)
-                        resp.release()
-                        self._count_attempt(rep, "client_error")
-                        raise AttemptError(err, rep, "client_error")
-                    raise self._fail(rep, err, "status_5xx" if err.blames_replica else "overloaded", resp,
-                                     blame=err.blames_replica)
-                up = Upstream(rep, resp)
-                while up.first_obj is None:
-                    batch = await up.read_batch()
-                    if batch is None:
-                        raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} ended the stream early"),
-                                         "closed", resp)
-                    for i, p in enumerate(batch):
-                        if p == DONE:
-                            up.first_obj = {}
-                            up.pending = batch[i:]
-                            break
-                        obj = orjson.loads(p)
-                        if "error" in obj:
-                            err = error_from_event(obj)
-                            if isinstance(err, ClientError) or not err.blames_replica:
-                                rep.num_inflight -= 1
-                                if rep.breaker is not None:
-                                    rep.breaker.release_probe()
-                                resp.close()
-                                raise AttemptError(err, rep, "client_error" if isinstance(err, ClientError)
-                                                   else "overloaded")
-                            raise self._fail(rep, err, "stream_error", resp)
-                        if _is_content_event(obj):
-                            up.first_obj = obj
-                            up.pending = batch[i:]
-                            break
-                        up.prefix.append(p)
+                        raise self._fail(lease, err, "client_error", Outcome.SUCCESS)
+                    raise self._refused(lease, err)
+                up = Upstream(lease, resp)
+                await self._read_opening(up)
                 self._count_attempt(rep, "ok")
                 return up
         except AttemptError:
             raise
         except asyncio.CancelledError:
-            rep.num_inflight -= 1
-            if rep.breaker is not None:
-                rep.breaker.release_probe()
-            if resp is not None:
-                resp.close()
+            lease.release(Outcome.NEUTRAL)
             raise
-        except TimeoutError:
-            raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} sent no token in time"),
-                             _timeout_reason(rep), resp) from None
-        except _CONNECT_ERRORS as e:
-            raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} unreachable: {e}"), "connect",
-                             resp) from None
-        except (*_BROKEN_ERRORS, orjson.JSONDecodeError) as e:
-            raise self._fail(rep, UpstreamError(f"replica {rep.replica_id} failed: {e}"), "closed", resp) from None
+        except (TimeoutError, *_BROKEN_ERRORS, orjson.JSONDecodeError) as e:
+            raise self._fail(lease, *_io_failure(rep, e, "sent no token in time")) from None
+
+    async def _read_opening(self, up: Upstream) -> None:
+        """Read ``up`` up to its first content event (or the end marker): the events before it go
+        to ``up.prefix``, the rest of that read to ``up.pending``. An error event ends the attempt."""
+        rep = up.replica
+        while up.first_obj is None:
+            batch = await up.read_batch()
+            if batch is None:
+                raise self._fail(up.lease, UpstreamError(f"replica {rep.replica_id} ended the stream early"),
+                                 "closed")
+            for i, p in enumerate(batch):
+                if p == DONE:
+                    up.first_obj = {}
+                    up.pending = batch[i:]
+                    break
+                obj = orjson.loads(p)
+                if "error" in obj:
+                    err = error_from_event(obj)
+                    if isinstance(err, ClientError):
+                        raise self._fail(up.lease, err, "client_error", Outcome.NEUTRAL)
+                    if not err.blames_replica:
+                        raise self._fail(up.lease, err, "overloaded", Outcome.NEUTRAL)
+                    raise self._fail(up.lease, err, "stream_error")
+                if _is_content_event(obj):
+                    up.first_obj = obj
+                    up.pending = batch[i:]
+                    break
+                up.prefix.append(p)
 
     async def open_stream(self, ctx: RequestContext, resume_token_ids: list[int] | None = None) -> Upstream:
         body = ctx.req.body
@@ -480,172 +437,136 @@ class Relay:
         payload = orjson.dumps(body)
         return await self._with_retries(ctx, lambda: self._open_stream(ctx, payload))
 
+    # -- stream: relaying and failing over -------------------------------------------------------
+
     async def relay_stream(self, ctx: RequestContext, http_request: web.Request, up: Upstream,
                            headers: dict[str, str]) -> web.StreamResponse:
-        """Commit the response to the client and relay ``up`` (and its successors) to the end."""
-        rc = self.config.replicas
+        """Commit the response to the client and relay ``up`` (and its successors) to the end:
+        reading is here, what is sent is :class:`StreamRewriter`'s, whether to go on elsewhere is
+        :meth:`_fail_over`'s."""
         resp = web.StreamResponse(status=200, headers=headers)
         resp.content_type = "text/event-stream"
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"
         ctx.status = 200
         ctx.replica = up.replica
-        await resp.prepare(http_request)
         write_timeout_s = self.config.server.client_write_timeout_s
-        stall_timeout_s = rc.stall_timeout_s
         observe_itl = self.metrics.inter_token.observe
-        first_obj = up.first_obj or {}
-        orig_id, orig_created, orig_model = first_obj.get("id"), first_obj.get("created"), first_obj.get("model")
-        sent_ids: list[int] = []
-        transferable = ctx.req.transferable
-        finish_seen = False
+        rw = StreamRewriter(up.first_obj or {}, transferable=ctx.req.transferable)
         last_write_s = 0.0
-        resumed = False
-        loads, dumps = orjson.loads, orjson.dumps
 
         async def write(data: bytes) -> None:
             async with asyncio.timeout(write_timeout_s):
                 await resp.write(data)
 
         try:
-            if up.prefix:
-                await write(b"".join(b"data: " + p + b"\n\n" for p in up.prefix))
-            batch: list[bytes] | None = up.pending
-            up.pending = []
+            await resp.prepare(http_request)
+            opening = rw.begin_upstream(up.prefix)
+            if opening:
+                await write(opening)
+            batch: list[bytes] | None = up.take_pending()
             self.metrics.ttft.labels(ctx.req.route).observe(time.monotonic() - ctx.started_s)
             self.ttft.observe(time.monotonic() - ctx.started_s)
             while True:
                 failure: tuple[str, UnbrokenError] | None = None
                 if batch is None:
-                    try:
-                        async with _watched(up.replica, stall_timeout_s):
-                            batch = await up.read_batch()
-                        if batch is None:
-                            if finish_seen:
-                                up.finish(True)
-                                await write(b"data: [DONE]\n\n")
-                                break
-                            failure = ("closed", UpstreamError(f"replica {up.replica.replica_id} closed the stream"))
-                    except TimeoutError:
-                        failure = (_timeout_reason(up.replica, "stall"),
-                                   UpstreamError(f"replica {up.replica.replica_id} stalled"))
-                    except _BROKEN_ERRORS as e:
-                        failure = ("connection", UpstreamError(f"replica {up.replica.replica_id} failed: {e}"))
-                if failure is None:
-                    assert batch is not None
-                    out_parts: list[bytes] = []
-                    done = False
-                    end_with: bytes | None = None
-                    for p in batch:
-                        if p == DONE:
-                            done = True
+                    batch, failure = await self._next_batch(up)
+                    if batch is None and failure is None:  # the replica closed the stream
+                        if rw.finish_seen:
+                            up.finish(Outcome.SUCCESS)
+                            await write(DONE_EVENT)
                             break
-                        obj = loads(p)
-                        if "error" in obj:
-                            err = error_from_event(obj)
-                            if err.blames_replica:
-                                failure = ("stream_error", err)
-                            else:
-                                end_with = sse_error_event(err)
-                                ctx.status = err.status
-                            break
-                        rewrite = resumed
-                        choices = obj.get("choices")
-                        if choices:
-                            for ch in choices:
-                                if ch.get("index", 0) == 0:
-                                    ids = ch.get("token_ids")
-                                    if ids:
-                                        sent_ids.extend(ids)
-                                if ch.get("finish_reason"):
-                                    finish_seen = True
-                                    rewrite = True
-                                    obj["unbroken"] = {"failovers": ctx.num_failovers,
-                                                       "replica_id": up.replica.replica_id}
-                        elif obj.get("usage") is not None:
-                            rewrite = True
-                            if resumed and transferable:
-                                usage = obj["usage"]
-                                usage["completion_tokens"] = len(sent_ids)
-                                usage["total_tokens"] = int(usage.get("prompt_tokens") or 0) + len(sent_ids)
-                            obj["unbroken"] = {"failovers": ctx.num_failovers, "replica_id": up.replica.replica_id}
-                        if rewrite:
-                            if resumed:
-                                obj["id"], obj["created"], obj["model"] = orig_id, orig_created, orig_model
-                            p = dumps(obj)
-                        out_parts.append(b"data: " + p + b"\n\n")
+                        failure = ("closed", UpstreamError(f"replica {up.replica.replica_id} closed the stream"))
+                if batch is not None:
+                    out = rw.rewrite(batch, replica_id=up.replica.replica_id, num_failovers=ctx.num_failovers)
                     batch = None
-                    if done:
-                        out_parts.append(b"data: [DONE]\n\n")
-                    elif end_with is not None:
-                        out_parts.append(end_with)
-                    if out_parts:
-                        await write(b"".join(out_parts))
+                    if out.data:
+                        await write(out.data)
                         now = time.monotonic()
                         if last_write_s:
                             observe_itl(now - last_write_s)
                         last_write_s = now
-                    if done:
-                        up.finish(True)
+                    if out.done:
+                        up.finish(Outcome.SUCCESS)
                         break
-                    if end_with is not None:
-                        up.finish(None)
+                    if out.end_error is not None:
+                        ctx.status = out.end_error.status
+                        up.finish(Outcome.NEUTRAL)
                         break
-                    if failure is None:
+                    if out.failure is None:
                         continue
-                # the replica failed mid-stream
+                    failure = ("stream_error", out.failure)
                 assert failure is not None
-                reason, err = failure
-                failed = up.replica
-                up.finish(False)
-                if reason == "connection":
-                    self.health.mark_suspect(failed, err.message)
-                self._count_attempt(failed, reason)
-                if finish_seen:  # everything was delivered; only the end marker is missing
-                    await write(b"data: [DONE]\n\n")
+                successor, final = await self._fail_over(ctx, up, rw, *failure)
+                if successor is None:
+                    await write(final)
                     break
-                if not transferable or ctx.num_failovers >= self.config.retry.max_failovers \
-                        or time.monotonic() >= ctx.deadline_s:
-                    why = "not_transferable" if not transferable else (
-                        "too_many_failovers" if ctx.num_failovers >= self.config.retry.max_failovers else "deadline")
-                    self.metrics.failover_failures.labels(why).inc()
-                    await write(sse_error_event(UpstreamError(
-                        f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}")))
-                    ctx.status = 502
-                    break
-                ctx.num_failovers += 1
-                self.metrics.failovers.labels(reason).inc()
-                log.info("request %s: %s on %s after %d tokens; resuming elsewhere", ctx.request_id, reason,
-                         failed.replica_id, len(sent_ids))
-                try:
-                    up = await self.open_stream(ctx, resume_token_ids=list(sent_ids))
-                except AttemptError as e:
-                    self.metrics.failover_failures.labels("no_replica").inc()
-                    await write(sse_error_event(UpstreamError(
-                        f"the replica failed mid-stream and no other could resume it: {e.error.message}")))
-                    ctx.status = 502
-                    break
-                resumed = True
-                ctx.replica = up.replica
-                batch = up.pending  # the role chunk in up.prefix is dropped
-                up.pending = []
+                up = successor
+                batch = up.take_pending()
         except (ConnectionError, TimeoutError, aiohttp.ClientConnectionResetError) as e:
             self.metrics.client_disconnects.labels("timeout" if isinstance(e, TimeoutError) else "gone").inc()
-            up.finish(None)
             ctx.status = 499
-        except asyncio.CancelledError:
-            up.finish(None)
-            raise
         finally:
-            ctx.num_completion_tokens = len(sent_ids)
-            if not up._finished:
-                up.finish(None)
+            ctx.num_completion_tokens = len(rw.sent_ids)
+            up.finish(Outcome.NEUTRAL)  # a no-op unless the stream ended without an outcome
         return resp
+
+    async def _next_batch(self, up: Upstream) -> tuple[list[bytes] | None, tuple[str, UnbrokenError] | None]:
+        """The next payloads of ``up`` (None at its end), or why it failed: a stall (no event within
+        ``stall_timeout_s``), the heartbeats declaring it lost, or a broken connection."""
+        rid = up.replica.replica_id
+        try:
+            async with _watched(up.replica, self.config.replicas.stall_timeout_s):
+                return await up.read_batch(), None
+        except TimeoutError:
+            return None, (_timeout_reason(up.replica, "stall"), UpstreamError(f"replica {rid} stalled"))
+        except _BROKEN_ERRORS as e:
+            return None, ("connection", UpstreamError(f"replica {rid} failed: {e}"))
+
+    async def _fail_over(self, ctx: RequestContext, failed: Upstream, rw: StreamRewriter, reason: str,
+                         err: UnbrokenError) -> tuple[Upstream | None, bytes]:
+        """``failed`` broke mid-stream: resume on another replica with the ids sent so far, or end the
+        stream. Returns the successor, or None and the last bytes to send the client."""
+        failed.finish(Outcome.FAILURE)
+        if reason == "connection":
+            self.health.mark_suspect(failed.replica, err.message)
+        self._count_attempt(failed.replica, reason)
+        if rw.finish_seen:  # everything was delivered; only the end marker is missing
+            return None, DONE_EVENT
+        why = self._why_not_resumable(ctx)
+        if why is not None:
+            self.metrics.failover_failures.labels(why).inc()
+            ctx.status = 502
+            return None, sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}"))
+        ctx.num_failovers += 1
+        self.metrics.failovers.labels(reason).inc()
+        log.info("request %s: %s on %s after %d tokens; resuming elsewhere", ctx.request_id, reason,
+                 failed.replica.replica_id, len(rw.sent_ids))
+        try:
+            up = await self.open_stream(ctx, resume_token_ids=list(rw.sent_ids))
+        except AttemptError as e:
+            self.metrics.failover_failures.labels("no_replica").inc()
+            ctx.status = 502
+            return None, sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and no other could resume it: {e.error.message}"))
+        rw.begin_upstream(up.prefix)  # the new replica's role chunk is dropped
+        ctx.replica = up.replica
+        return up, b""
+
+    def _why_not_resumable(self, ctx: RequestContext) -> str | None:
+        if not ctx.req.transferable:
+            return "not_transferable"
+        if ctx.num_failovers >= self.config.retry.max_failovers:
+            return "too_many_failovers"
+        if time.monotonic() >= ctx.deadline_s:
+            return "deadline"
+        return None
 
 
 def _close_result(res: Any) -> None:
     if isinstance(res, Upstream):
-        res.finish(None)
+        res.finish(Outcome.NEUTRAL)
 
 
 class _Hooks:

@@ -158,8 +158,7 @@ class InternalError(UnbrokenError):
     code = "internal_error"
 
 
-_BY_TYPE_AND_CODE: dict[tuple[int, str | None], type[UnbrokenError]] = {}
-for _cls in (
+_ERROR_CLASSES: tuple[type[UnbrokenError], ...] = (
     InvalidRequestError,
     ValidationError,
     ContextLengthError,
@@ -176,8 +175,13 @@ for _cls in (
     NoReplicaError,
     DeadlineExceededError,
     InternalError,
-):
-    _BY_TYPE_AND_CODE[(_cls.status, _cls.code)] = _cls
+)
+# The one status table: (HTTP status, code) -> class, and code -> status for errors that arrive
+# without a status (inside an SSE stream).
+_BY_TYPE_AND_CODE: dict[tuple[int, str | None], type[UnbrokenError]] = {
+    (cls.status, cls.code): cls for cls in _ERROR_CLASSES
+}
+_STATUS_BY_CODE: dict[str, int] = {cls.code: cls.status for cls in _ERROR_CLASSES if cls.code is not None}
 
 
 def error_from_response(status: int, body: dict[str, Any] | None) -> UnbrokenError:
@@ -196,3 +200,15 @@ def error_from_response(status: int, body: dict[str, Any] | None) -> UnbrokenErr
     e = cls(message, param=err.get("param"), code=code)
     e.status = status
     return e
+
+
+def error_from_event(body: dict[str, Any]) -> UnbrokenError:
+    """Rebuild an error a peer sent inside an SSE stream, where there is no HTTP status: the
+    status comes from the error's ``code`` (500 for an unknown one, 400 for an unknown
+    ``invalid_request_error``)."""
+    err = body.get("error") or {}
+    code = err.get("code")
+    status = _STATUS_BY_CODE.get(code, 500) if isinstance(code, str) else 500
+    if status == 500 and err.get("type") == "invalid_request_error":
+        status = 400
+    return error_from_response(status, body)
