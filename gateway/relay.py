@@ -39,7 +39,8 @@ from gateway.policies import RouteRequest, RoutingPolicy
 from gateway.protocol import ClientRequest
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
 from gateway.retry import AttemptError, RetryExecutor
-from gateway.stream_rewrite import DONE, DONE_EVENT, StreamRewriter
+from gateway.stream_rewrite import DONE, ResumePoint, StreamRewriter
+from gateway.streamstate import StreamRecord, StreamStateStore
 from unbroken.errors import (
     ClientError,
     NoReplicaError,
@@ -129,6 +130,8 @@ class RequestContext:
     status: int = 0
     tiers: list[str] = field(default_factory=list)
     num_completion_tokens: int = 0
+    state: StreamRecord | None = None  # a resumable stream's state, kept in ``Relay.streams``
+    resume: ResumePoint | None = None  # a client's reconnect: where its stream continues
 
 
 class Upstream:
@@ -209,6 +212,7 @@ class Relay:
         self.executor = executor
         self.metrics = metrics
         self.ttft = TTFTTracker()
+        self.streams: StreamStateStore | None = None  # resumable streams' state (set by the server)
         self.session: aiohttp.ClientSession | None = None
         rc = config.replicas
         self._auth_header = {"Authorization": f"Bearer {rc.shared_token}"} if rc.shared_token else {}
@@ -452,7 +456,16 @@ class Relay:
         ctx.replica = up.replica
         write_timeout_s = self.config.server.client_write_timeout_s
         observe_itl = self.metrics.inter_token.observe
-        rw = StreamRewriter(up.first_obj or {}, transferable=ctx.req.transferable)
+        resumable = self.config.streams.resumable
+        rw = StreamRewriter(up.first_obj or {}, transferable=ctx.req.transferable,
+                            request_id=ctx.request_id if resumable else None, resume=ctx.resume)
+        state = ctx.state if resumable and ctx.req.transferable else None
+        if state is not None and self.streams is not None:
+            state.stream_id, state.created, state.model = rw.orig_id, rw.orig_created, rw.orig_model
+            state.token_ids = rw.sent_ids  # shared, not copied: the write-behind reads it
+            self.streams.open(state)
+        else:
+            state = None
         last_write_s = 0.0
 
         async def write(data: bytes) -> None:
@@ -474,7 +487,7 @@ class Relay:
                     if batch is None and failure is None:  # the replica closed the stream
                         if rw.finish_seen:
                             up.finish(Outcome.SUCCESS)
-                            await write(DONE_EVENT)
+                            await write(rw.done_event())
                             break
                         failure = ("closed", UpstreamError(f"replica {up.replica.replica_id} closed the stream"))
                 if batch is not None:
@@ -508,6 +521,8 @@ class Relay:
             ctx.status = 499
         finally:
             ctx.num_completion_tokens = len(rw.sent_ids)
+            if state is not None and self.streams is not None:
+                self.streams.close(state, finished=rw.finish_seen)
             up.finish(Outcome.NEUTRAL)  # a no-op unless the stream ended without an outcome
         return resp
 
@@ -532,13 +547,13 @@ class Relay:
             self.health.mark_suspect(failed.replica, err.message)
         self._count_attempt(failed.replica, reason)
         if rw.finish_seen:  # everything was delivered; only the end marker is missing
-            return None, DONE_EVENT
+            return None, rw.done_event()
         why = self._why_not_resumable(ctx)
         if why is not None:
             self.metrics.failover_failures.labels(why).inc()
             ctx.status = 502
-            return None, sse_error_event(UpstreamError(
-                f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}"))
+            return None, rw.tag(sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}")))
         ctx.num_failovers += 1
         self.metrics.failovers.labels(reason).inc()
         log.info("request %s: %s on %s after %d tokens; resuming elsewhere", ctx.request_id, reason,
@@ -548,8 +563,8 @@ class Relay:
         except AttemptError as e:
             self.metrics.failover_failures.labels("no_replica").inc()
             ctx.status = 502
-            return None, sse_error_event(UpstreamError(
-                f"the replica failed mid-stream and no other could resume it: {e.error.message}"))
+            return None, rw.tag(sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and no other could resume it: {e.error.message}")))
         rw.begin_upstream(up.prefix)  # the new replica's role chunk is dropped
         ctx.replica = up.replica
         return up, b""
