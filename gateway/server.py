@@ -111,7 +111,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     metrics.attach_replicas(ReplicaCollector(replicas, lambda: degradation.queue_depth,
                                              lambda: degradation.num_inflight))
     streams = StreamStateStore(config.streams, config.redis.key_prefix, metrics, config.server.max_body_bytes,
-                               config.redis.op_timeout_s)
+                               config.redis.op_timeout_s, body_extra_ttl_s=config.server.request_deadline_s)
     relay.streams = streams
     answers = AnswerCache(config.streams, config.redis.key_prefix, metrics, config.redis.op_timeout_s)
     return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,

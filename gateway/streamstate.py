@@ -6,14 +6,18 @@ client's body, the body as forwarded to replicas, the stream's ``id``/``created`
 token ids that reached the client (the relay's own list, shared: nothing is copied per token).
 
 One owner task writes the state to Redis every ``state_write_interval_ms`` for the streams whose
-token count changed, in one pipeline, with a TTL; the relay registers a stream in the running table
-(read by the owner task) and sends its end as a command on a bounded queue. The relay never waits on Redis: a full queue drops the command (counted), a failed
+token count changed (and that have run for one interval: a stream that ends sooner costs Redis
+nothing), in one pipeline, with a TTL; the relay registers a stream in the running table (read by
+the owner task) and sends its end as a command on a bounded queue (a final write, for streams
+written before or ended unfinished). The relay never waits on Redis: a full queue drops the command (counted), a failed
 write is counted and the stream stays resumable within this gateway (the local copy). What is read
 back from Redis is untrusted: sizes are bounded before anything is allocated and every field's type
 is checked.
 
-Redis layout, a hash at ``{prefix}stream:{request id}``: ``meta`` (JSON: version, route, principal,
-body_sha256, id, created, model, finished), ``body`` (JSON), ``tokens`` (uint32 little-endian).
+Redis layout, one command per write: ``{prefix}stream:{request id}`` is ``UBS1``, the length of
+``meta`` (uint32), ``meta`` (JSON: version, route, principal, body_sha256, id, created, model,
+finished), then the token ids (uint32), with the TTL ``state_ttl_s``; the body (JSON) is written once,
+at ``{prefix}stream-body:{request id}``, living ``state_ttl_s`` + the request deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import struct
 import time
 from array import array
 from collections import OrderedDict
@@ -37,6 +42,7 @@ from unbroken.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+MAGIC = b"UBS1"
 MAX_META_BYTES = 4096
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._~:+/=-]{1,128}$")
 _TOKEN_ID_LIMIT = 1 << 31
@@ -70,7 +76,8 @@ class StreamRecord:
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     ended_s: float = 0.0  # monotonic time the local relay ended (0 = running here)
-    num_written: int = -1  # tokens in the last write to Redis
+    opened_s: float = 0.0  # monotonic time the local relay began
+    num_written: int = -1  # tokens in the last write to Redis (-1: the body not written yet)
 
     def meta_json(self) -> bytes:
         return orjson.dumps({"v": STATE_VERSION, "route": self.route, "principal": self.principal,
@@ -78,13 +85,23 @@ class StreamRecord:
                              "model": self.model, "finished": self.finished})
 
 
-def parse_record(request_id: str, raw: dict[bytes, bytes], max_body_bytes: int, max_tokens: int) -> StreamRecord:
+    def state_blob(self, num_tokens: int) -> bytes:
+        meta = self.meta_json()
+        return MAGIC + struct.pack("<I", len(meta)) + meta + _pack(self.token_ids[:num_tokens])
+
+
+def parse_record(request_id: str, blob: bytes | None, body_b: bytes | None, max_body_bytes: int,
+                 max_tokens: int) -> StreamRecord:
     """A record read back from Redis; raises ValueError for anything malformed or too large."""
-    meta_b, body_b, tokens_b = raw.get(b"meta"), raw.get(b"body"), raw.get(b"tokens", b"")
-    if not isinstance(meta_b, bytes) or not isinstance(body_b, bytes) or not isinstance(tokens_b, bytes):
-        raise ValueError("missing fields")
-    if len(meta_b) > MAX_META_BYTES or len(body_b) > max_body_bytes or len(tokens_b) > 4 * max_tokens \
-            or len(tokens_b) % 4:
+    if not isinstance(blob, bytes) or not isinstance(body_b, bytes):
+        raise ValueError("missing keys")
+    if len(blob) < 8 or blob[:4] != MAGIC:
+        raise ValueError("not a stream record")
+    (meta_len,) = struct.unpack_from("<I", blob, 4)
+    if meta_len > MAX_META_BYTES or len(blob) < 8 + meta_len:
+        raise ValueError("meta too large")
+    meta_b, tokens_b = blob[8:8 + meta_len], blob[8 + meta_len:]
+    if len(body_b) > max_body_bytes or len(tokens_b) > 4 * max_tokens or len(tokens_b) % 4:
         raise ValueError("a field is too large")
     meta, body = orjson.loads(meta_b), orjson.loads(body_b)
     if not isinstance(meta, dict) or not isinstance(body, dict) or meta.get("v") != STATE_VERSION:
@@ -117,13 +134,14 @@ class StreamStateStore:
     """Running streams' state: the local copy (same-gateway resumes) and the write-behind to Redis."""
 
     def __init__(self, config: StreamsSection, key_prefix: str, metrics: GatewayMetrics,
-                 max_body_bytes: int, op_timeout_s: float) -> None:
+                 max_body_bytes: int, op_timeout_s: float, body_extra_ttl_s: float = 300.0) -> None:
         self.config = config
         self.prefix = key_prefix
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.op_timeout_s = op_timeout_s
         self.redis: Any = None
+        self.body_extra_ttl_s = body_extra_ttl_s  # the body (written once) outlives the state by a stream's life
         self._running: dict[str, StreamRecord] = {}  # streams this gateway relays now
         self._ended: OrderedDict[str, StreamRecord] = OrderedDict()  # recently ended here (bounded)
         self._queue: asyncio.Queue[StreamRecord] = asyncio.Queue(maxsize=config.state_queue_max)  # ended
@@ -133,11 +151,15 @@ class StreamStateStore:
     def key(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
 
+    def body_key(self, request_id: str) -> str:
+        return f"{self.prefix}stream-body:{request_id}"
+
     # -- the relay's side: never waits ---------------------------------------------------------------
 
     def open(self, record: StreamRecord) -> None:
         """A stream began (or was resumed) here: keep it locally and have it written to Redis."""
         record.num_written = -1
+        record.opened_s = time.monotonic()
         self._running[record.request_id] = record
         self._ended.pop(record.request_id, None)
 
@@ -151,8 +173,8 @@ class StreamStateStore:
         self._ended.move_to_end(record.request_id)
         while len(self._ended) > self.config.max_local_streams:
             self._ended.popitem(last=False)
-        if self.redis is None:
-            return
+        if self.redis is None or (finished and record.num_written < 0):
+            return  # a short stream that finished before its first write costs Redis nothing
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -183,15 +205,15 @@ class StreamStateStore:
             return None, "none"
         try:
             async with asyncio.timeout(self.op_timeout_s):
-                raw = await self.redis.hgetall(self.key(request_id))
+                blob, body = await self.redis.mget(self.key(request_id), self.body_key(request_id))
         except Exception as e:  # noqa: BLE001 - Redis down: only local streams are resumable
             log.warning("stream state of %s unreadable: %s", request_id, e)
             self.metrics.stream_state_reads.labels("error").inc()
             return None, "none"
-        if not raw:
+        if blob is None:
             return None, "none"
         try:
-            rec = parse_record(request_id, raw, self.max_body_bytes, self.config.max_stream_tokens)
+            rec = parse_record(request_id, blob, body, self.max_body_bytes, self.config.max_stream_tokens)
         except (ValueError, orjson.JSONDecodeError) as e:
             log.warning("stream state of %s in Redis is malformed: %s", request_id, e)
             self.metrics.stream_state_reads.labels("malformed").inc()
@@ -238,7 +260,9 @@ class StreamStateStore:
     async def _write(self) -> None:
         """One pipeline: streams new or grown since the last write, and those that ended."""
         ttl_ms = self.config.state_ttl_s * 1000
-        todo = [r for r in self._running.values() if r.num_written != len(r.token_ids)]
+        body_ttl_ms = ttl_ms + int(self.body_extra_ttl_s * 1000)
+        young = time.monotonic() - self.config.state_write_interval_ms / 1000.0
+        todo = [r for r in self._running.values() if r.num_written != len(r.token_ids) and r.opened_s <= young]
         todo += self._dirty_closed
         self._dirty_closed = []
         if not todo:
@@ -247,14 +271,9 @@ class StreamStateStore:
         counts: list[tuple[StreamRecord, int]] = []
         for rec in todo:
             n = len(rec.token_ids)
-            key = self.key(rec.request_id)
-            mapping: dict[str, bytes] = {"tokens": _pack(rec.token_ids[:n])}
-            if rec.num_written < 0 or rec.ended_s:
-                mapping["meta"] = rec.meta_json()
             if rec.num_written < 0:
-                mapping["body"] = orjson.dumps(rec.body)
-            pipe.hset(key, mapping=mapping)
-            pipe.pexpire(key, ttl_ms)
+                pipe.set(self.body_key(rec.request_id), orjson.dumps(rec.body), px=body_ttl_ms)
+            pipe.set(self.key(rec.request_id), rec.state_blob(n), px=ttl_ms)
             counts.append((rec, n))
         try:
             async with asyncio.timeout(self.op_timeout_s):

@@ -134,9 +134,9 @@ async def _wait_written(gw: RunningGateway, rid: str, num_tokens: int) -> Stream
     try:
         deadline = time.monotonic() + 10
         while True:
-            raw = await r.hgetall(f"t:stream:{rid}")
-            if raw:
-                rec = parse_record(rid, raw, 1 << 20, 1 << 16)
+            blob, body = await r.mget(f"t:stream:{rid}", f"t:stream-body:{rid}")
+            if blob:
+                rec = parse_record(rid, blob, body, 1 << 20, 1 << 16)
                 if len(rec.token_ids) >= num_tokens and rec.finished:
                     return rec
             assert time.monotonic() < deadline, "the stream state never reached Redis"
