@@ -5,9 +5,11 @@ the same ``X-Request-ID`` (``unbroken.client`` does). Within ``streams.idempoten
 gateway returns the first answer instead of generating twice: from this process while it is being
 made (the repeat waits for it), or from Redis when another gateway made it or is making it.
 
-Redis keys: ``{prefix}answer:{request id}`` (JSON: principal, body_sha256, status, body; with the
-window as TTL) and ``{prefix}answer-lock:{request id}`` (set with NX while a gateway generates;
-others poll for the answer until the lock goes). Only 200 answers are kept. What is read back is
+Redis: one key, ``{prefix}answer:{request id}``. The gateway that generates first claims it with
+``SET NX`` (``P`` + its id, expiring with the request's deadline): one command on the request's
+path. The answer then replaces it (``A`` + JSON: principal, body_sha256, status, body; the window as
+TTL). A gateway whose claim fails reads the key: an answer is returned, a claim is polled until it
+becomes an answer or goes (the other gateway failed: generate here). Only 200 answers are kept. What is read back is
 checked (size, types) before use. Redis down: repeats are caught within this gateway only.
 """
 
@@ -98,30 +100,28 @@ class AnswerCache:
             raise
         entry.expires_s = time.monotonic() + self.config.idempotency_window_s
         fut.set_result(answer)
-        if self.redis is not None:
+        if locked:  # only the claim's holder writes the key (never over another key's answer)
             self._background(self._store(request_id, principal, sha, answer, locked))
         return answer, None
 
     async def _shared(self, request_id: str, principal: str, sha: str,
                       deadline_s: float) -> tuple[Answer | None, bool]:
         """An answer from Redis (waiting while another gateway holds the lock), or whether we took the lock."""
-        key, lock = f"{self.prefix}answer:{request_id}", f"{self.prefix}answer-lock:{request_id}"
-        lock_ms = int(max(1.0, deadline_s - time.monotonic()) * 1000)
+        key = f"{self.prefix}answer:{request_id}"
+        claim_ms = int(max(1.0, deadline_s - time.monotonic()) * 1000)
         try:
             while True:
                 async with asyncio.timeout(self.op_timeout_s):
-                    raw = await self.redis.get(key)
-                if raw is not None:
-                    found = self._parse(raw, principal, sha)
-                    if found is not None:
-                        return found, False
-                    return None, False  # another key's id: generate without sharing
-                async with asyncio.timeout(self.op_timeout_s):
-                    if await self.redis.set(lock, self._owner, nx=True, px=lock_ms):
+                    if await self.redis.set(key, b"P" + self._owner.encode(), nx=True, px=claim_ms):
                         return None, True
+                async with asyncio.timeout(self.op_timeout_s):
+                    raw = await self.redis.get(key)
+                if isinstance(raw, bytes) and raw.startswith(b"A"):
+                    found = self._parse(raw[1:], principal, sha)
+                    return found, False  # None: another key's id, generated here without sharing
                 if time.monotonic() + POLL_S >= deadline_s:
                     return None, False
-                await asyncio.sleep(POLL_S)
+                await asyncio.sleep(POLL_S)  # claimed by another gateway (or just gone): look again
         except ConflictError:
             raise
         except Exception as e:  # noqa: BLE001 - Redis down: repeats are caught locally only
@@ -148,21 +148,21 @@ class AnswerCache:
         status, body = answer
         try:
             async with asyncio.timeout(self.op_timeout_s):
+                key = f"{self.prefix}answer:{request_id}"
                 if status == 200 and len(body) <= self.config.max_answer_bytes:
-                    value = orjson.dumps({"principal": principal, "body_sha256": sha, "status": status,
-                                          "body": base64.b64encode(body).decode()})
-                    await self.redis.set(f"{self.prefix}answer:{request_id}", value,
-                                         ex=self.config.idempotency_window_s)
-                if locked:
-                    await self.redis.delete(f"{self.prefix}answer-lock:{request_id}")
+                    value = b"A" + orjson.dumps({"principal": principal, "body_sha256": sha, "status": status,
+                                                 "body": base64.b64encode(body).decode()})
+                    await self.redis.set(key, value, ex=self.config.idempotency_window_s)
+                elif locked:
+                    await self.redis.delete(key)
         except Exception as e:  # noqa: BLE001 - the answer was given; only repeats elsewhere lose it
             log.debug("answer of %s not shared: %s", request_id, e)
 
     async def _unlock(self, request_id: str) -> None:
         try:
             async with asyncio.timeout(self.op_timeout_s):
-                await self.redis.delete(f"{self.prefix}answer-lock:{request_id}")
-        except Exception:  # noqa: BLE001 - the lock expires by itself
+                await self.redis.delete(f"{self.prefix}answer:{request_id}")
+        except Exception:  # noqa: BLE001 - the claim expires by itself
             pass
 
     def _background(self, coro: Awaitable[None]) -> None:

@@ -8,16 +8,18 @@ token ids that reached the client (the relay's own list, shared: nothing is copi
 One owner task writes the state to Redis every ``state_write_interval_ms`` for the streams whose
 token count changed (and that have run for one interval: a stream that ends sooner costs Redis
 nothing), in one pipeline, with a TTL; the relay registers a stream in the running table (read by
-the owner task) and sends its end as a command on a bounded queue (a final write, for streams
-written before or ended unfinished). The relay never waits on Redis: a full queue drops the command (counted), a failed
+the owner task) and sends an unfinished stream's end (the client left) as a command on a bounded
+queue, for a last write. The relay never waits on Redis: a full queue drops the command (counted), a failed
 write is counted and the stream stays resumable within this gateway (the local copy). What is read
 back from Redis is untrusted: sizes are bounded before anything is allocated and every field's type
 is checked.
 
-Redis layout, one command per write: ``{prefix}stream:{request id}`` is ``UBS1``, the length of
-``meta`` (uint32), ``meta`` (JSON: version, route, principal, body_sha256, id, created, model,
-finished), then the token ids (uint32), with the TTL ``state_ttl_s``; the body (JSON) is written once,
-at ``{prefix}stream-body:{request id}``, living ``state_ttl_s`` + the request deadline.
+Redis layout, one command per write: ``{prefix}stream:{request id}`` is ``UBS1``, the lengths of
+``meta`` and of the body (uint32 each), ``meta`` (JSON: version, route, principal, body_sha256, id,
+created, model, finished), the body (JSON), then the token ids (uint32), with the TTL
+``state_ttl_s``. A body over ``INLINE_BODY_MAX_BYTES`` is written once, at
+``{prefix}stream-body:{request id}`` (living ``state_ttl_s`` + the request deadline), and its length
+in the state is 0.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 MAGIC = b"UBS1"
 MAX_META_BYTES = 4096
+INLINE_BODY_MAX_BYTES = 4096
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._~:+/=-]{1,128}$")
 _TOKEN_ID_LIMIT = 1 << 31
 
@@ -78,6 +81,7 @@ class StreamRecord:
     ended_s: float = 0.0  # monotonic time the local relay ended (0 = running here)
     opened_s: float = 0.0  # monotonic time the local relay began
     num_written: int = -1  # tokens in the last write to Redis (-1: the body not written yet)
+    body_json: bytes = b""  # the body serialized once, at the first write
 
     def meta_json(self) -> bytes:
         return orjson.dumps({"v": STATE_VERSION, "route": self.route, "principal": self.principal,
@@ -85,22 +89,28 @@ class StreamRecord:
                              "model": self.model, "finished": self.finished})
 
 
-    def state_blob(self, num_tokens: int) -> bytes:
+    def state_blob(self, num_tokens: int, inline_body: bytes) -> bytes:
         meta = self.meta_json()
-        return MAGIC + struct.pack("<I", len(meta)) + meta + _pack(self.token_ids[:num_tokens])
+        return MAGIC + struct.pack("<II", len(meta), len(inline_body)) + meta + inline_body + \
+            _pack(self.token_ids[:num_tokens])
 
 
 def parse_record(request_id: str, blob: bytes | None, body_b: bytes | None, max_body_bytes: int,
                  max_tokens: int) -> StreamRecord:
     """A record read back from Redis; raises ValueError for anything malformed or too large."""
-    if not isinstance(blob, bytes) or not isinstance(body_b, bytes):
-        raise ValueError("missing keys")
-    if len(blob) < 8 or blob[:4] != MAGIC:
+    if not isinstance(blob, bytes):
+        raise ValueError("missing state")
+    if len(blob) < 12 or blob[:4] != MAGIC:
         raise ValueError("not a stream record")
-    (meta_len,) = struct.unpack_from("<I", blob, 4)
-    if meta_len > MAX_META_BYTES or len(blob) < 8 + meta_len:
-        raise ValueError("meta too large")
-    meta_b, tokens_b = blob[8:8 + meta_len], blob[8 + meta_len:]
+    meta_len, body_len = struct.unpack_from("<II", blob, 4)
+    if meta_len > MAX_META_BYTES or body_len > INLINE_BODY_MAX_BYTES or len(blob) < 12 + meta_len + body_len:
+        raise ValueError("meta or body too large")
+    meta_b = blob[12:12 + meta_len]
+    tokens_b = blob[12 + meta_len + body_len:]
+    if body_len:
+        body_b = blob[12 + meta_len:12 + meta_len + body_len]
+    if not isinstance(body_b, bytes):
+        raise ValueError("missing body")
     if len(body_b) > max_body_bytes or len(tokens_b) > 4 * max_tokens or len(tokens_b) % 4:
         raise ValueError("a field is too large")
     meta, body = orjson.loads(meta_b), orjson.loads(body_b)
@@ -173,8 +183,10 @@ class StreamStateStore:
         self._ended.move_to_end(record.request_id)
         while len(self._ended) > self.config.max_local_streams:
             self._ended.popitem(last=False)
-        if self.redis is None or (finished and record.num_written < 0):
-            return  # a short stream that finished before its first write costs Redis nothing
+        if self.redis is None or finished:
+            # A finished stream needs no last write: a client that missed its end resumes from the
+            # state of the last interval (the replica regenerates the rest).
+            return
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -271,9 +283,12 @@ class StreamStateStore:
         counts: list[tuple[StreamRecord, int]] = []
         for rec in todo:
             n = len(rec.token_ids)
-            if rec.num_written < 0:
-                pipe.set(self.body_key(rec.request_id), orjson.dumps(rec.body), px=body_ttl_ms)
-            pipe.set(self.key(rec.request_id), rec.state_blob(n), px=ttl_ms)
+            if not rec.body_json:
+                rec.body_json = orjson.dumps(rec.body)
+            inline = rec.body_json if len(rec.body_json) <= INLINE_BODY_MAX_BYTES else b""
+            if not inline and rec.num_written < 0:
+                pipe.set(self.body_key(rec.request_id), rec.body_json, px=body_ttl_ms)
+            pipe.set(self.key(rec.request_id), rec.state_blob(n, inline), px=ttl_ms)
             counts.append((rec, n))
         try:
             async with asyncio.timeout(self.op_timeout_s):

@@ -102,15 +102,17 @@ def _raw(rec: StreamRecord, meta: bytes | None = None, body: bytes | None = None
          tokens: bytes | None = None) -> tuple[bytes, bytes]:
     meta = rec.meta_json() if meta is None else meta
     tokens = array("I", rec.token_ids).tobytes() if tokens is None else tokens
-    return (b"UBS1" + struct.pack("<I", len(meta)) + meta + tokens,
+    return (b"UBS1" + struct.pack("<II", len(meta), 0) + meta + tokens,
             orjson.dumps(rec.body) if body is None else body)
 
 
 def test_a_record_round_trips() -> None:
     rec = StreamRecord(request_id="r", route="/v1/chat/completions", principal="k", body_sha256="ab",
                        body={"model": "m"}, stream_id="c", created=5, model="m", token_ids=[1, 2, 70000])
-    assert _raw(rec)[0] == rec.state_blob(3)
+    assert _raw(rec)[0] == rec.state_blob(3, b"")
     back = parse_record("r", *_raw(rec), 1000, 100)
+    inline = parse_record("r", rec.state_blob(2, orjson.dumps(rec.body)), None, 1000, 100)  # the body inside
+    assert (inline.body, inline.token_ids) == ({"model": "m"}, [1, 2])
     assert (back.principal, back.body, back.token_ids, back.stream_id, back.created) == \
         ("k", {"model": "m"}, [1, 2, 70000], "c", 5)
 
@@ -130,7 +132,8 @@ def test_malformed_or_oversized_records_are_refused(field: bytes, value: bytes) 
         parse_record("r", blob, body, 1000, 100)
 
 
-@pytest.mark.parametrize("blob", [None, b"", b"UBS1", b"XXXX\x00\x00\x00\x00", b"UBS1\xff\xff\x00\x00{}"])
+@pytest.mark.parametrize("blob", [None, b"", b"UBS1", b"XXXX\x00\x00\x00\x00\x00\x00\x00\x00",
+                                  b"UBS1\xff\xff\x00\x00\x00\x00\x00\x00{}", b"UBS1\x02\x00\x00\x00\xff\xff\x00\x00{}"])
 def test_truncated_or_foreign_blobs_are_refused(blob: bytes | None) -> None:
     with pytest.raises(ValueError):
         parse_record("r", blob, b"{}", 1000, 100)
