@@ -6,8 +6,9 @@ gateway returns the first answer instead of generating twice: from this process 
 made (the repeat waits for it), or from Redis when another gateway made it or is making it.
 
 Redis: one key, ``{prefix}answer:{request id}``. The gateway that generates first claims it with
-``SET NX`` (``P`` + its id, expiring with the request's deadline): one command on the request's
-path. The answer then replaces it (``A`` + JSON: principal, body_sha256, status, body; the window as
+``SET NX`` (``P`` + its id): one command on the request's path. The claim lives ``CLAIM_TTL_S``
+(3 s) and its gateway renews it while it generates, so the claim of a gateway that died goes
+within 3 s and a repeat elsewhere generates instead of waiting on it. The answer then replaces it (``A`` + JSON: principal, body_sha256, status, body; the window as
 TTL). A gateway whose claim fails reads the key: an answer is returned, a claim is polled until it
 becomes an answer or goes (the other gateway failed: generate here). Only 200 answers are kept. What is read back is
 checked (size, types) before use. Redis down: repeats are caught within this gateway only.
@@ -32,6 +33,7 @@ from unbroken.errors import ConflictError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+CLAIM_TTL_S = 3.0  # a claim lives this long unless its gateway renews it (a dead gateway's claim goes)
 Answer = tuple[int, bytes]
 
 
@@ -89,15 +91,20 @@ class AnswerCache:
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         entry = _Entry(principal, sha, fut, float("inf"))
         self._local[request_id] = entry
+        renew = asyncio.ensure_future(self._renew_claim(request_id)) if locked else None
         try:
             answer = await generate()
         except BaseException as e:
+            if renew is not None:
+                renew.cancel()
             del self._local[request_id]  # a failure is not an answer: a repeat tries again
             fut.set_exception(e)
             fut.exception()  # retrieved: waiters get it, nobody else
             if locked:
                 self._background(self._unlock(request_id))
             raise
+        if renew is not None:
+            renew.cancel()
         entry.expires_s = time.monotonic() + self.config.idempotency_window_s
         fut.set_result(answer)
         if locked:  # only the claim's holder writes the key (never over another key's answer)
@@ -108,7 +115,7 @@ class AnswerCache:
                       deadline_s: float) -> tuple[Answer | None, bool]:
         """An answer from Redis (waiting while another gateway holds the lock), or whether we took the lock."""
         key = f"{self.prefix}answer:{request_id}"
-        claim_ms = int(max(1.0, deadline_s - time.monotonic()) * 1000)
+        claim_ms = int(CLAIM_TTL_S * 1000)
         try:
             while True:
                 async with asyncio.timeout(self.op_timeout_s):
@@ -143,6 +150,19 @@ class AnswerCache:
             return status, base64.b64decode(body, validate=True)
         except (orjson.JSONDecodeError, ValueError):
             return None
+
+    async def _renew_claim(self, request_id: str) -> None:
+        """Keep this gateway's claim alive while it generates (``XX``: only while the key exists)."""
+        key, value = f"{self.prefix}answer:{request_id}", b"P" + self._owner.encode()
+        while True:
+            await asyncio.sleep(CLAIM_TTL_S / 3)
+            try:
+                async with asyncio.timeout(self.op_timeout_s):
+                    await self.redis.set(key, value, xx=True, px=int(CLAIM_TTL_S * 1000))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the claim may lapse: a repeat elsewhere then generates too
+                pass
 
     async def _store(self, request_id: str, principal: str, sha: str, answer: Answer, locked: bool) -> None:
         status, body = answer

@@ -220,3 +220,41 @@ async def test_redis_down_keeps_streams_resumable_on_their_gateway(redis_proc: A
     finally:
         await a.stop()
         await ms[0].stop()
+
+
+async def test_a_dead_gateways_claim_lapses(stack: Any) -> None:
+    """A gateway killed while generating leaves its claim on the id; a repeat on another gateway
+    waits for it only until it lapses (its owner no longer renews it), then generates."""
+    from gateway.idempotency import CLAIM_TTL_S
+
+    ms, (a, b) = stack
+    r = aioredis.from_url(b.config.redis.url)
+    await r.set("t:answer:n-dead", b"Pdeadgateway", px=int(CLAIM_TTL_S * 1000))
+    await r.aclose()
+    body = {**CHAT, "stream": False}
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(b.url + "/v1/chat/completions", json=body, headers=_headers("n-dead")) as resp:
+            assert resp.status == 200
+            assert "X-Unbroken-Replayed" not in resp.headers
+    assert CLAIM_TTL_S * 0.5 < time.monotonic() - t0 < CLAIM_TTL_S + 5
+
+
+async def test_a_live_claim_is_renewed_while_generating(stack: Any) -> None:
+    """A generation longer than the claim's life keeps its claim: a repeat waits for the answer."""
+    from gateway.idempotency import CLAIM_TTL_S
+
+    ms, (a, b) = stack
+    for m in ms:
+        m.knobs.token_interval_ms = int(CLAIM_TTL_S * 1000 * 1.5 / 40)  # 40 tokens: 1.5 claim lives
+    body = {**CHAT, "stream": False}
+    async with aiohttp.ClientSession() as s:
+        first = asyncio.ensure_future(s.post(a.url + "/v1/chat/completions", json=body, headers=_headers("n-long")))
+        await asyncio.sleep(0.3)
+        n = sum(m.num_requests for m in ms)
+        async with s.post(b.url + "/v1/chat/completions", json=body, headers=_headers("n-long")) as resp:
+            assert resp.status == 200 and resp.headers["X-Unbroken-Replayed"] == "redis"
+            second = await resp.json()
+        r1 = await first
+        assert await r1.json() == second
+        assert sum(m.num_requests for m in ms) == n  # generated once
