@@ -188,6 +188,9 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
     cfg = gw.config
     started = time.monotonic()
     client_request_id = request.headers.get("X-Request-ID")
+    last_event_id = request.headers.get("Last-Event-ID")
+    if client_request_id is None and last_event_id is not None:  # a reconnect names its stream either way
+        client_request_id = last_event_id.strip().rpartition(":")[0] or None
     request_id = client_request_id or os.urandom(12).hex()
     out_headers = {"X-Request-ID": request_id[:128]}
     status = 500
@@ -219,8 +222,11 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
             raise NoReplicaError("the gateway is shutting down", retry_after_s=cfg.degradation.retry_after_s)
         resume: ResumePoint | None = None
         state: StreamRecord | None = None
+        if last_event_id is not None and not (req.stream and sha):
+            raise InvalidRequestError("Last-Event-ID resumes a stream, and this gateway keeps no stream state"
+                                      if req.stream else "Last-Event-ID is for streams ('stream': true) only",
+                                      param="Last-Event-ID")
         if req.stream and sha:
-            last_event_id = request.headers.get("Last-Event-ID")
             if last_event_id is not None:
                 resume, stored_body = await _resume_point(gw, route, req, request_id, last_event_id, key, sha)
                 req.body = stored_body

@@ -258,3 +258,24 @@ async def test_a_live_claim_is_renewed_while_generating(stack: Any) -> None:
         r1 = await first
         assert await r1.json() == second
         assert sum(m.num_requests for m in ms) == n  # generated once
+
+
+async def test_a_reconnect_without_x_request_id_names_its_stream_by_the_event_id(stack: Any) -> None:
+    ms, (a, b) = stack
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(a.url + "/v1/chat/completions", json=CHAT, headers=_headers("r-5"))
+        first = await _read_until_tokens(resp, 5)
+        resp.close()
+        last = _blocks(first)[-1][0]
+        assert last is not None
+        headers = {"Authorization": f"Bearer {KEYS['alice']}", "Last-Event-ID": last}
+        async with s.post(a.url + "/v1/chat/completions", json=CHAT, headers=headers) as r:
+            assert r.status == 200 and r.headers["X-Request-ID"] == "r-5"
+            rest = await r.text()
+        ids, _ = stream_tokens(parse_sse(first) + parse_sse(rest))
+        assert ids == expected_completion(prompt_text(CHAT), 40)[0]
+        # a non-stream request cannot be resumed: a 4xx, nothing generated
+        n = sum(m.num_requests for m in ms)
+        async with s.post(a.url + "/v1/chat/completions", json={**CHAT, "stream": False}, headers=headers) as r:
+            assert r.status == 400
+        assert sum(m.num_requests for m in ms) == n
