@@ -147,7 +147,7 @@ def _figures(runs: list[StreamRun], reference: dict[int, list[int]], t_steady: f
     full_s = None
     w = 0.5
     t = t_kill
-    while t < (ends[-1] if ends else t_kill):
+    while steady_rate > 0 and t < (ends[-1] if ends else t_kill):
         n = sum(1 for e in ends if t <= e < t + w)
         if n / w >= 0.9 * steady_rate:
             full_s = t + w - t_kill
