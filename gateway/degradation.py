@@ -84,8 +84,7 @@ class DegradationController:
         adm = Admission(model)
         fallback = self.config.fallback_models.get(model)
         if fallback and self.has_capacity(fallback):
-            req.model = fallback
-            req.body["model"] = fallback
+            req.openai.model = fallback
             adm.model = fallback
             adm.tiers.append("fallback")
             self._take(fallback)
@@ -95,9 +94,7 @@ class DegradationController:
         if req.priority != "critical" and cap:
             limit = self.config.clamp_max_tokens
             if req.max_tokens is None or req.max_tokens > limit:
-                req.body["max_tokens"] = limit
-                req.body.pop("max_completion_tokens", None)
-                req.max_tokens = limit
+                req.openai.max_tokens = limit
                 adm.tiers.append("clamped")
         if len(self._waiters) >= self.config.queue_max_depth:
             adm.tiers.append("shed")

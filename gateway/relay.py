@@ -11,9 +11,8 @@ partition: every wait on it expires at once), sends an error it is to blame for,
 the request is re-sent to another replica with ``resume_token_ids`` = every id forwarded so far;
 the new replica's role chunk is dropped, and its chunks' ``id``, ``created`` and ``model`` are
 rewritten to the original ones. The client sees one stream: no repeated role chunk, no duplicated
-or missing token, the same id. Requests whose state cannot move (``n > 1``, several prompts,
-``logprobs``, ``echo``) fail over only before the first byte; a later failure ends their stream
-with an SSE error event.
+or missing token, the same id. Requests whose state could not move (``n > 1``, several prompts,
+``logprobs``, ``echo``) are refused at the edge by the contract.
 
 Non-stream requests are forwarded as non-stream and retried whole (nothing has been sent yet).
 """
@@ -345,7 +344,7 @@ class Relay:
     # -- non-stream ------------------------------------------------------------------------------
 
     async def call_nonstream(self, ctx: RequestContext) -> tuple[int, bytes]:
-        payload = orjson.dumps(ctx.req.body)
+        payload = ctx.req.payload()
         url_path = ctx.req.route
 
         async def attempt() -> tuple[int, bytes, Replica]:
@@ -434,11 +433,7 @@ class Relay:
                 up.prefix.append(p)
 
     async def open_stream(self, ctx: RequestContext, resume_token_ids: list[int] | None = None) -> Upstream:
-        body = ctx.req.body
-        if resume_token_ids:
-            body = dict(body)
-            body["resume_token_ids"] = resume_token_ids
-        payload = orjson.dumps(body)
+        payload = ctx.req.payload(resume_token_ids)
         return await self._with_retries(ctx, lambda: self._open_stream(ctx, payload))
 
     # -- stream: relaying and failing over -------------------------------------------------------
@@ -462,6 +457,7 @@ class Relay:
         state = ctx.state if resumable and ctx.req.transferable else None
         if state is not None and self.streams is not None:
             state.stream_id, state.created, state.model = rw.orig_id, rw.orig_created, rw.orig_model
+            state.body = ctx.req.openai.to_body()  # as sent (after degradation), without resume_token_ids
             state.token_ids = rw.sent_ids  # shared, not copied: the write-behind reads it
             self.streams.open(state)
         else:

@@ -1,7 +1,7 @@
 """The replicas the gateway knows, their state, and the precomputed lists routing reads.
 
 A :class:`Replica` is the gateway's view of one replica: where it is, what its last heartbeat said
-(:class:`replica.protocol.ReplicaStateReport`), its health state (set by ``health.py``), its
+(:class:`unbroken.contract.heartbeat.ReplicaStateReport`), its health state (set by ``health.py``), its
 circuit breaker (``breaker.py``) and the gateway's own in-flight count. :class:`ReplicaSet` owns the
 collection; it is mutated only on the event loop (heartbeat tasks, discovery task, admin handler)
 and keeps ``routable_by_model`` precomputed so that the request path does no scanning.
@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.config import BreakerSection
-from replica.protocol import ReplicaStateReport
+from unbroken.contract.heartbeat import ReplicaStateReport
 
 
 class ReplicaState(str, enum.Enum):
@@ -126,29 +126,8 @@ class Replica:
 
 
 def report_from_json(data: dict[str, Any]) -> ReplicaStateReport:
-    """Parse a ``/state`` body leniently: unknown fields are ignored, missing ones defaulted."""
-    return ReplicaStateReport(
-        replica_id=str(data.get("replica_id") or ""),
-        pid=int(data.get("pid") or 0),
-        model=str(data.get("model") or ""),
-        adapters=[str(a) for a in (data.get("adapters") or [])],
-        quantization=str(data.get("quantization") or ""),
-        dtype=str(data.get("dtype") or ""),
-        device=str(data.get("device") or ""),
-        status=str(data.get("status") or "ready"),
-        queue_length=int(data.get("queue_length") or 0),
-        num_running=int(data.get("num_running") or 0),
-        num_waiting=int(data.get("num_waiting") or 0),
-        kv_bytes_used=int(data.get("kv_bytes_used") or 0),
-        kv_bytes_free=int(data.get("kv_bytes_free") or 0),
-        kv_bytes_per_token=int(data.get("kv_bytes_per_token") or 0),
-        device_memory_free_bytes=int(data.get("device_memory_free_bytes") or 0),
-        tokens_per_s=float(data.get("tokens_per_s") or 0.0),
-        sessions=[str(s) for s in (data.get("sessions") or [])],
-        max_model_len=int(data.get("max_model_len") or 0),
-        started_at_s=float(data.get("started_at_s") or 0.0),
-        num_preemptions=int(data.get("num_preemptions") or 0),
-    )
+    """Parse a ``/state`` body (the contract's one parser)."""
+    return ReplicaStateReport.from_dict(data)
 
 
 class ReplicaSet:

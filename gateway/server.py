@@ -35,6 +35,7 @@ from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
 from gateway.stream_rewrite import EventId, ResumePoint
 from gateway.streamstate import StreamRecord, StreamStateStore, body_sha256, check_request_id
+from unbroken.contract import headers as hdr
 from unbroken.errors import (
     ConflictError,
     InvalidRequestError,
@@ -49,7 +50,7 @@ from unbroken.http import error_middleware, error_response, json_response, read_
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("X-Session-ID", "X-Session-History", "X-Priority")
+_FORWARDED_HEADERS = hdr.FORWARDED
 
 
 @dataclass
@@ -229,11 +230,10 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         if req.stream and sha:
             if last_event_id is not None:
                 resume, stored_body = await _resume_point(gw, route, req, request_id, last_event_id, key, sha)
-                req.body = stored_body
-                if isinstance(stored_body.get("model"), str):
-                    req.model = stored_body["model"]
+                # the request as it was sent to replicas (a fallback model, a clamp), parsed again: untrusted
+                req.openai = parse_request(route, stored_body, request.headers, gw.replicas.default_model).openai
             state = StreamRecord(request_id=request_id, route=route, principal=key.name, body_sha256=sha,
-                                 body=req.body)
+                                 body={})  # the body as sent is filled in when the stream opens
         elif not req.stream and sha and client_request_id is not None:
             resp, status, replica_label = await _serve_once(gw, request, req, request_id, out_headers, started,
                                                             key, sha)

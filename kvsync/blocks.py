@@ -26,7 +26,7 @@ from kvsync.protocol import (
     tensor_bytes,
     tensor_from_bytes,
 )
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 try:  # optional, faster than zlib when installed
     import lz4.frame as _lz4

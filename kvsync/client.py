@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,7 +36,10 @@ from kvsync.protocol import (
     decode_snapshot,
     encode_snapshot_parts,
 )
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
+from unbroken.contract.replication import FetchResult, Replication
+
+__all__ = ["FetchResult", "KVSyncClient"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,8 @@ _CLOSE = object()
 MAX_TOO_LARGE_SESSIONS = 4096  # sessions remembered as too large to replicate (oldest forgotten first)
 
 
-@dataclass
-class FetchResult:
-    snapshot: KVSnapshot | None
-    outcome: str  # "restored" | "missing" | "mismatch" | "corrupt" | "timeout" | "error"
-    transcript: list[dict[str, Any]] | None = None
-
-
-class KVSyncClient:
-    """One per replica process. ``start()`` before publishing, ``close()`` at shutdown."""
+class KVSyncClient(Replication):
+    """The replica's :class:`~unbroken.contract.replication.Replication`: one per replica process. ``start()`` before publishing, ``close()`` at shutdown."""
 
     def __init__(self, sidecar_url: str, *, block_tokens: int = 64, max_pending: int = 4,
                  post_timeout_s: float = 30.0, shared_memory: bool = True) -> None:

@@ -1,7 +1,7 @@
 """What crosses kvsync's boundaries, defined once.
 
 - replica -> sidecar (``POST /v1/sessions/{id}/snapshots``) and the replica's own
-  ``GET/PUT /v1/sessions/{id}/kv``: a :class:`~replica.protocol.KVSnapshot` in the binary wire
+  ``GET/PUT /v1/sessions/{id}/kv``: a :class:`~unbroken.contract.kv.KVSnapshot` in the binary wire
   form of :func:`encode_snapshot` / :func:`decode_snapshot`. The sidecar answers with a
   :class:`PublishReply` (JSON).
 - replica -> sidecar (``POST /v1/sessions/{id}/fetch``): a :class:`FetchRequest` (JSON). The
@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import torch
 
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 MAGIC = b"UBKVSNAP"
 WIRE_VERSION = 1

@@ -26,7 +26,7 @@ from kvsync.metrics import KVSyncMetrics
 from kvsync.protocol import DTYPES, Manifest, encode_snapshot_parts, snapshot_head
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 T = TypeVar("T")
 READ_AHEAD_BLOCKS = 2

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import orjson
 import torch
 
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

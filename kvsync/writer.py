@@ -33,7 +33,7 @@ from kvsync.config import KVSyncConfig
 from kvsync.metrics import KVSyncMetrics
 from kvsync.protocol import BlockRef, Manifest, PublishReply, decode_snapshot
 from kvsync.store import KVStore
-from replica.protocol import KVIdentity, KVSnapshot
+from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 log = logging.getLogger(__name__)
 

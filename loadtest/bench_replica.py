@@ -32,6 +32,7 @@ from replica.config import ReplicaConfig
 from replica.engine import LLMEngine
 from replica.loader import LoadedModel, load_model
 from replica.protocol import GenerationRequest, SamplingParams
+from replica.runner import cache_kwarg
 
 
 @dataclass
@@ -87,8 +88,9 @@ def run_limit(loaded: LoadedModel, work: list[Work]) -> tuple[float, int]:
         mask[r, width - len(w.prompt):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    cache_arg = cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{cache_arg: cache})
     next_ids = out.logits[:, -1].argmax(-1)
     remaining = torch.tensor([w.num_output_tokens - 1 for w in work])
     lengths = mask.sum(-1)
@@ -102,7 +104,7 @@ def run_limit(loaded: LoadedModel, work: list[Work]) -> tuple[float, int]:
             mask, next_ids, remaining, lengths = mask[alive], next_ids[alive], remaining[alive], lengths[alive]
         mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], dim=1)
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_arg: cache})
         next_ids = out.logits[:, -1].argmax(-1)
         lengths = lengths + 1
         remaining = remaining - 1

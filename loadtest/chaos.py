@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import orjson
 
+from loadtest.faultproxy import start_fault_proxy
 from loadtest.faults import FaultInjector
 from loadtest.report import RunSummary, write_report
 from loadtest.scenarios import Scenario, ScenarioRunner, gateway_replica_health, load_scenario
@@ -207,7 +208,7 @@ class StackNotHealthy(RuntimeError):
 def running_stack(config: StackConfig, run_dir: str | Path, *, healthy_timeout_s: float = 60.0,
                   progress=print) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     """A started stack whose every part answers healthy; stopped (by pid) on the way out."""
-    stack = Stack(config, run_dir=run_dir, progress=progress)
+    stack = Stack(config, run_dir=run_dir, progress=progress, proxy_factory=start_fault_proxy)
     try:
         stack.start()
         if not wait_all_healthy(stack, healthy_timeout_s):

@@ -395,3 +395,8 @@ class FaultProxy:
                 writer.write_eof()
         except OSError:
             pass
+
+
+def start_fault_proxy(target_port: int, name: str) -> FaultProxy:
+    """A started proxy in front of ``127.0.0.1:target_port``: the launcher's proxy factory."""
+    return FaultProxy(target_port, name=name).start()

@@ -33,6 +33,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from unbroken.contract.heartbeat import ReplicaStateReport
+from unbroken.contract.openai import parse_body
+from unbroken.errors import UnbrokenError
+
 VOCAB = 1000
 
 
@@ -189,15 +193,14 @@ class MockReplica:
         if self.knobs.heartbeat_delay_ms:
             await asyncio.sleep(self.knobs.heartbeat_delay_ms / 1000.0)
         k = self.knobs
-        return web.Response(body=orjson.dumps({
-            "replica_id": self.replica_id, "pid": os.getpid(), "model": self.model, "adapters": self.adapters,
-            "quantization": "none", "dtype": "float32", "device": "cpu",
-            "status": "draining" if k.draining else "ready",
-            "queue_length": self.num_running, "num_running": self.num_running, "num_waiting": 0,
-            "kv_bytes_used": self.num_running * 100 * k.kv_bytes_per_token, "kv_bytes_free": k.kv_bytes_free,
-            "kv_bytes_per_token": k.kv_bytes_per_token, "device_memory_free_bytes": 0, "tokens_per_s": 0.0,
-            "sessions": [], "max_model_len": 4096, "started_at_s": self.started_at_s, "num_preemptions": 0,
-        }), content_type="application/json")
+        report = ReplicaStateReport(
+            replica_id=self.replica_id, pid=os.getpid(), model=self.model, adapters=list(self.adapters),
+            quantization="none", dtype="float32", device="cpu", status="draining" if k.draining else "ready",
+            queue_length=self.num_running, num_running=self.num_running, num_waiting=0,
+            kv_bytes_used=self.num_running * 100 * k.kv_bytes_per_token, kv_bytes_free=k.kv_bytes_free,
+            kv_bytes_per_token=k.kv_bytes_per_token, device_memory_free_bytes=0, tokens_per_s=0.0,
+            sessions=[], max_model_len=4096, started_at_s=self.started_at_s)
+        return web.Response(body=orjson.dumps(report.to_dict()), content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=f"mock_requests_total {self.num_requests}\n", content_type="text/plain")
@@ -254,14 +257,18 @@ class MockReplica:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return self._error(400, "bad json", "invalid_request", "invalid_request_error")
-        model = body.get("model", self.model)
+        chat = request.path.endswith("chat/completions")
+        try:  # the replica's own parser: the same precedence, refusals and n = 1
+            req = parse_body("chat" if chat else "completion", body, default_model=self.model)
+        except UnbrokenError as e:
+            return web.Response(body=orjson.dumps(e.to_dict()), status=e.status, content_type="application/json")
+        model = req.model
         if model not in self._models_list():
             return self._error(404, f"model {model!r} not found", "model_not_found", "invalid_request_error")
-        chat = request.path.endswith("chat/completions")
         prompt = prompt_text(body)
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
-        n = int(body.get("n") or 1)
-        resume = body.get("resume_token_ids") or []
+        max_tokens = req.max_tokens or 16
+        n = 1
+        resume = req.resume_token_ids
         if resume:
             self.num_resumed += 1
             self.last_resume_len = len(resume)

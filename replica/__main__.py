@@ -23,6 +23,7 @@ from aiohttp import web
 
 from replica.config import ReplicaConfig
 from unbroken.config import ConfigError, load_config
+from unbroken.contract.replication import Replication
 from unbroken.procs import free_port
 
 ENV_PREFIX = "UNBROKEN_REPLICA"
@@ -59,8 +60,9 @@ def load_replica_config(args: argparse.Namespace) -> ReplicaConfig:
     return load_config(ReplicaConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
 
 
-def make_kvsync_client(config: ReplicaConfig) -> Any:
-    """The kvsync client when ``kvsync.enabled`` (None, with a warning, if kvsync is not installed)."""
+def make_kvsync_client(config: ReplicaConfig) -> Replication | None:
+    """The replication the engine uses: kvsync's client when ``kvsync.enabled`` (None, with a
+    warning, if kvsync is not installed). The one place the replica names kvsync's implementation."""
     if not config.kvsync.enabled:
         return None
     try:

@@ -16,19 +16,18 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from replica.config import ReplicaConfig
 from replica.loader import LoadedModel, load_model
 from replica.protocol import FinishReason, GenerationRequest, KVIdentity, KVSnapshot, TokenOutput
+from replica.replication import SessionReplicator
 from replica.runner import ModelRunner, SessionKV
-from replica.scheduler import Scheduler, Sequence
+from replica.scheduler import Scheduler, SchedulerOutput, Sequence
+from unbroken.contract.replication import Replication
 from unbroken.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
-
-if TYPE_CHECKING:
-    from kvsync.client import KVSyncClient
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +71,13 @@ class LLMEngine:
     """Synchronous engine over one loaded model. Not thread-safe: one thread drives it."""
 
     def __init__(self, config: ReplicaConfig, loaded: LoadedModel | None = None,
-                 kvsync: "KVSyncClient | None" = None) -> None:
+                 kvsync: Replication | None = None) -> None:
         self.config = config
         self.loaded = loaded
-        self.kvsync = kvsync
         self.scheduler: Scheduler | None = None
         self.runner: ModelRunner | None = None
         self.transcripts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self.published_tokens: dict[str, int] = {}  # session -> tokens replicated (block-aligned)
-        self._snapshot_marks: dict[str, int] = {}  # request -> tokens at its last snapshot
-        self.num_snapshots_published = 0
-        self.num_snapshots_dropped = 0
+        self.replicator = SessionReplicator(kvsync, config.kvsync, self.identity) if kvsync is not None else None
         self.throughput = _Throughput()
         self.kv_capacity_bytes = 0
         if loaded is not None:
@@ -163,7 +158,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.runner.free(request_id)
-        self._snapshot_marks.pop(request_id, None)
+        if self.replicator is not None:
+            self.replicator.forget_request(request_id)
         return TokenOutput(request_id, None, FinishReason.CANCELLED)
 
     def has_unfinished(self) -> bool:
@@ -173,44 +169,49 @@ class LLMEngine:
         """Schedule, execute, update. Returns one output per request that advanced or ended."""
         assert self.scheduler is not None and self.runner is not None
         plan = self.scheduler.schedule()
+        sampled = self.runner.execute(plan)  # an empty plan still applies its frees and evictions
+        finished = [] if plan.is_empty else self.scheduler.update(plan, sampled)
+        return self._report(plan, sampled, finished)
+
+    def _report(self, plan: SchedulerOutput, sampled: dict[str, int], finished: list[Sequence]) -> list[TokenOutput]:
+        """The step's outputs; finished sequences leave (keeping their session's KV) and running
+        sessions are replicated when due."""
+        assert self.scheduler is not None and self.runner is not None
         outputs = [TokenOutput(s.request_id, None, s.finish_reason,
                                error="the request does not fit this replica's KV budget"
                                if s.finish_reason is FinishReason.ERROR else None)
                    for s in plan.ended]
         if plan.is_empty:
-            self.runner.execute(plan)  # still apply frees and evictions
             return outputs
-        sampled = self.runner.execute(plan)
-        finished = self.scheduler.update(plan, sampled)
         self.throughput.record(len(sampled), time.monotonic())
         finished_ids = {s.request_id for s in finished}
-        for chunk in plan.prefills:
-            seq = chunk.seq
-            if seq.request_id in sampled and seq.request_id not in finished_ids:
-                outputs.append(self._output(seq, sampled[seq.request_id], None))
-        for seq in plan.decodes:
+        for seq in [chunk.seq for chunk in plan.prefills] + list(plan.decodes):
             if seq.request_id in sampled and seq.request_id not in finished_ids:
                 outputs.append(self._output(seq, sampled[seq.request_id], None))
         for seq in finished:
             outputs.append(self._output(seq, sampled[seq.request_id], seq.finish_reason))
-            self._snapshot_marks.pop(seq.request_id, None)
-            keep = seq.request.session_id is not None and seq.finish_reason is not FinishReason.ERROR
-            kept = self.runner.finish(seq, keep_session=keep)
-            if kept is not None:
-                evicted = self.scheduler.keep_session(seq.request.session_id, kept.token_ids, kept.adapter)
-                for sid in evicted:
-                    self.runner.sessions.pop(sid, None)
-        if self.kvsync is not None and self.config.kvsync.snapshot_every_tokens > 0:
-            self._snapshot_running()
+            self._leave(seq)
+        if self.replicator is not None:
+            self.replicator.after_step(self.runner)
         return outputs
+
+    def _leave(self, seq: Sequence) -> None:
+        assert self.scheduler is not None and self.runner is not None
+        if self.replicator is not None:
+            self.replicator.forget_request(seq.request_id)
+        keep = seq.request.session_id is not None and seq.finish_reason is not FinishReason.ERROR
+        kept = self.runner.finish(seq, keep_session=keep)
+        if kept is not None:
+            evicted = self.scheduler.keep_session(seq.request.session_id, kept.token_ids, kept.adapter)
+            for sid in evicted:
+                self.runner.sessions.pop(sid, None)
 
     def _output(self, seq: Sequence, token: int, reason: FinishReason | None) -> TokenOutput:
         first = not seq.reported_cache
         seq.reported_cache = True
         sid = seq.request.session_id
-        if first and sid is not None:
-            # The replicated copy is only a prefix of this sequence up to what it reused.
-            self.published_tokens[sid] = min(self.published_tokens.get(sid, 0), seq.num_cached_prompt_tokens)
+        if first and sid is not None and self.replicator is not None:
+            self.replicator.on_prefix_reused(sid, seq.num_cached_prompt_tokens)
         return TokenOutput(
             seq.request_id, token, reason,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens if first else 0,
@@ -265,9 +266,8 @@ class LLMEngine:
             return 0
         if snapshot.transcript is not None:
             self.set_transcript(snapshot.session_id, snapshot.transcript)
-        # What the store holds is what was imported: the next snapshot only sends newer blocks.
-        block = self.config.kvsync.block_tokens
-        self.published_tokens[snapshot.session_id] = n // block * block
+        if self.replicator is not None:
+            self.replicator.on_imported(snapshot.session_id, n)
         return n
 
     def set_transcript(self, session_id: str, transcript: list[dict[str, Any]]) -> None:
@@ -280,67 +280,9 @@ class LLMEngine:
         """Record a turn's conversation and replicate the session's kept KV with it."""
         assert self.runner is not None
         self.set_transcript(session_id, transcript)
-        if self.kvsync is None:
-            return
         kept = self.runner.sessions.get(session_id)
-        if kept is None or self._too_large(session_id):
-            return
-        start = self._publish_start(session_id, len(kept.token_ids))
-        self._publish(KVSnapshot(
-            session_id=session_id,
-            identity=self.identity(kept.adapter),
-            token_ids=list(kept.token_ids),
-            keys=[k[:, start:].to("cpu", copy=True) for k in kept.keys],
-            values=[v[:, start:].to("cpu", copy=True) for v in kept.values],
-            start=start,
-            transcript=transcript,
-        ))
-
-    def _too_large(self, session_id: str) -> bool:
-        """The sidecar cannot keep this session: its KV is not even copied out for it."""
-        too_large = getattr(self.kvsync, "too_large", None)
-        return too_large is not None and too_large(session_id)
-
-    def _publish_start(self, session_id: str, num_tokens: int) -> int:
-        assert self.kvsync is not None
-        block = self.config.kvsync.block_tokens
-        needs_full = getattr(self.kvsync, "needs_full", None)
-        if needs_full is not None and needs_full(session_id):
-            return 0
-        done = self.published_tokens.get(session_id, 0)
-        return min(done, num_tokens) // block * block
-
-    def _publish(self, snapshot: KVSnapshot) -> None:
-        assert self.kvsync is not None
-        if self.kvsync.publish(snapshot):
-            block = self.config.kvsync.block_tokens
-            self.published_tokens[snapshot.session_id] = len(snapshot.token_ids) // block * block
-            self.num_snapshots_published += 1
-        else:
-            self.num_snapshots_dropped += 1
-
-    def _snapshot_running(self) -> None:
-        """During long generations, replicate each session's KV every N tokens."""
-        assert self.scheduler is not None and self.runner is not None
-        every = self.config.kvsync.snapshot_every_tokens
-        for seq in self.runner.rows:
-            sid = seq.request.session_id
-            if sid is None or self._too_large(sid):
-                continue
-            mark = self._snapshot_marks.get(seq.request_id, 0)
-            if len(seq.output_ids) - mark < every:
-                continue
-            self._snapshot_marks[seq.request_id] = len(seq.output_ids)
-            start = self._publish_start(sid, len(seq.token_ids))
-            row = self.runner.row_kv(seq.request_id, start)
-            if row is None:
-                continue
-            keys, values, n = row
-            self._publish(KVSnapshot(
-                session_id=sid, identity=self.identity(seq.request.adapter),
-                token_ids=list(seq.token_ids[:n]), keys=keys, values=values, start=start,
-                transcript=None,
-            ))
+        if self.replicator is not None and kept is not None:
+            self.replicator.after_turn(session_id, kept, transcript)
 
     # -- state -----------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -361,8 +303,8 @@ class LLMEngine:
             tokens_per_s=round(self.throughput.rate(time.monotonic()), 2),
             sessions=list(self.scheduler.sessions),
             num_preemptions=self.scheduler.num_preemptions,
-            num_snapshots_published=self.num_snapshots_published,
-            num_snapshots_dropped=self.num_snapshots_dropped,
+            num_snapshots_published=self.replicator.num_published if self.replicator else 0,
+            num_snapshots_dropped=self.replicator.num_dropped if self.replicator else 0,
         )
 
 
@@ -398,7 +340,7 @@ _STOP = object()
 class AsyncEngine:
     """Runs :class:`LLMEngine` on one background thread; the HTTP layer awaits its tokens."""
 
-    def __init__(self, config: ReplicaConfig, kvsync_client: "KVSyncClient | None" = None,
+    def __init__(self, config: ReplicaConfig, kvsync_client: Replication | None = None,
                  loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.kvsync = kvsync_client

@@ -3,9 +3,9 @@
 - HTTP layer -> engine: :class:`GenerationRequest` (with :class:`SamplingParams`).
 - engine -> HTTP layer: :class:`TokenOutput` per generated token (ids only; text is made by the
   HTTP side's detokenizer so the engine loop stays on token ids).
-- replica -> gateway heartbeat: :class:`ReplicaStateReport` (``GET /state``).
-- replica <-> kvsync: :class:`KVIdentity` and :class:`KVSnapshot` (see ``kvsync/protocol.py`` for the
-  wire form).
+The heartbeat report (``GET /state``) and the KV identity and snapshot types are the contract's
+(``unbroken/contract/heartbeat.py``, ``unbroken/contract/kv.py``): the gateway and kvsync read them
+there, not here.
 
 HTTP extensions to OpenAI's API that the gateway relies on (request body fields):
 - ``min_tokens`` / ``ignore_eos``: vLLM-style, for fixed-length benchmarks.
@@ -23,6 +23,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from unbroken.contract.heartbeat import ReplicaStateReport
+from unbroken.contract.kv import KVIdentity, KVSnapshot
+
+__all__ = ["FinishReason", "GenerationRequest", "KVIdentity", "KVSnapshot", "ReplicaStateReport",
+           "SamplingParams", "TokenOutput"]
 
 
 class FinishReason(str, enum.Enum):
@@ -75,83 +81,3 @@ class TokenOutput:
     # Where the cached prompt KV came from: "session" (kept here), "restored" (kvsync), or None.
     cache_source: str | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class KVIdentity:
-    """What a KV cache belongs to; an import whose identity differs is refused."""
-
-    model: str
-    revision: str
-    adapter: str | None
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "revision": self.revision,
-            "adapter": self.adapter,
-            "dtype": self.dtype,
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KVIdentity":
-        return cls(
-            model=str(d["model"]),
-            revision=str(d["revision"]),
-            adapter=d.get("adapter"),
-            dtype=str(d["dtype"]),
-            num_layers=int(d["num_layers"]),
-            num_kv_heads=int(d["num_kv_heads"]),
-            head_dim=int(d["head_dim"]),
-        )
-
-
-@dataclass
-class KVSnapshot:
-    """A session's KV for ``token_ids``: ``keys[layer]``/``values[layer]`` are torch tensors of
-    shape ``[num_kv_heads, len(token_ids), head_dim]`` (no batch dim). ``start`` > 0 means the
-    tensors cover only ``token_ids[start:]`` (an incremental snapshot)."""
-
-    session_id: str
-    identity: KVIdentity
-    token_ids: list[int]
-    keys: list[Any]
-    values: list[Any]
-    start: int = 0
-    transcript: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class ReplicaStateReport:
-    """The heartbeat payload served at ``GET /state``."""
-
-    replica_id: str
-    pid: int
-    model: str
-    adapters: list[str]
-    quantization: str
-    dtype: str
-    device: str
-    status: str  # "ready" | "loading" | "draining"
-    queue_length: int  # waiting + running
-    num_running: int
-    num_waiting: int
-    kv_bytes_used: int
-    kv_bytes_free: int
-    kv_bytes_per_token: int
-    device_memory_free_bytes: int
-    tokens_per_s: float
-    sessions: list[str]
-    max_model_len: int
-    started_at_s: float
-    num_preemptions: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)

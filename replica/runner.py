@@ -13,6 +13,7 @@ the whole cache at every step, which on a CPU costs more than the rest of the fo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,15 @@ class SessionKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     adapter: str | None
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` in transformers releases
+    that renamed it (``past_key_values`` is deprecated there and removed in 5.40), else
+    ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
@@ -117,6 +127,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, seed: int = 0) -> None:
         self.loaded = loaded
         self.model = loaded.model
+        self._cache_kwarg = cache_kwarg(loaded.model)
         self.device = loaded.device
         self.use_adapters = bool(loaded.adapter_names)
         self.generator = torch.Generator(device="cpu")
@@ -167,9 +178,9 @@ class ModelRunner:
             input_ids=input_ids.to(self.device),
             position_ids=position_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kwarg: cache},
             **kwargs,
         )
         return out.logits[:, -1, :]

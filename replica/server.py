@@ -46,6 +46,7 @@ from replica.openai_api import (
     usage_dict,
 )
 from replica.protocol import FinishReason, GenerationRequest, ReplicaStateReport, TokenOutput
+from unbroken.contract import headers as hdr
 from unbroken.errors import (
     AuthenticationError,
     DrainingError,
@@ -60,10 +61,10 @@ from unbroken.http import error_middleware, json_response, read_json_body, sse_e
 
 log = logging.getLogger(__name__)
 
-SESSION_HEADER = "X-Session-ID"
-SESSION_HISTORY_HEADER = "X-Session-History"
-REQUEST_ID_HEADER = "X-Request-ID"
-REPLICA_ID_HEADER = "X-Replica-ID"
+SESSION_HEADER = hdr.SESSION_ID
+SESSION_HISTORY_HEADER = hdr.SESSION_HISTORY
+REQUEST_ID_HEADER = hdr.REQUEST_ID
+REPLICA_ID_HEADER = hdr.REPLICA_ID
 # KV snapshots are far larger than request bodies; they get their own limit.
 MAX_KV_BODY_BYTES = 1 << 30
 
@@ -461,15 +462,14 @@ async def _answer_stream(request: web.Request, rt: ReplicaRuntime, req: OpenAIRe
 
 
 def _session_id(request: web.Request) -> str | None:
-    sid = request.headers.get(SESSION_HEADER, "").strip()
-    return sid or None
+    return hdr.session_id(request.headers)
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     engine = rt.engine
     body = await read_json_body(request, rt.config.server.max_body_bytes)
-    server_history = request.headers.get(SESSION_HISTORY_HEADER, "").strip().lower() == "server"
+    server_history = hdr.server_keeps_history(request.headers)
     req = parse_chat_request(body, rt.vocab_size, allow_empty_messages=server_history)
     adapter = resolve_adapter(req.model, engine.served_name, engine.adapter_names)
     session_id = _session_id(request)

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unbroken: unknown command {command!r}; choose one of: {', '.join(commands)}",
               file=sys.stderr)
         return 2
+    if command == "up":
+        from loadtest.faultproxy import start_fault_proxy
+        from unbroken.launcher import main as up
+
+        return up(rest, proxy_factory=start_fault_proxy)
     module = importlib.import_module(_PROCESSES[command][0])
     return int(module.main(rest) or 0)
 

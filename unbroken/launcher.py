@@ -23,15 +23,26 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 from pydantic import Field
 
 from unbroken.config import ConfigError, Section, load_config
 from unbroken.procs import ManagedProcess, free_port, http_ok, python_module_cmd, start_redis
 
-if TYPE_CHECKING:
-    from loadtest.faultproxy import FaultProxy
+
+class ReplicaProxy(Protocol):
+    """A TCP proxy in front of one replica (``loadtest.faultproxy.FaultProxy``): what the launcher
+    needs of it. The launcher does not import loadtest; whoever wants proxies passes a factory."""
+
+    @property
+    def url(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+# (replica port, proxy name) -> a started proxy
+ProxyFactory = Callable[[int, str], ReplicaProxy]
 
 ENV_PREFIX = "UNBROKEN_STACK"
 LOOPBACK = "127.0.0.1"
@@ -105,7 +116,7 @@ class ReplicaHandle:
     process: ManagedProcess
     kvsync: ManagedProcess | None = None
     kvsync_port: int = 0
-    proxy: "FaultProxy | None" = None
+    proxy: Any = None  # a ReplicaProxy (loadtest's FaultProxy, with its fault controls) or None
 
     @property
     def direct_url(self) -> str:
@@ -129,8 +140,12 @@ class Stack:
     """The local stack: Redis, replicas (+ sidecars, + proxies), gateway. Every process is ours."""
 
     def __init__(self, config: StackConfig | None = None, *, run_dir: str | Path | None = None,
-                 progress=print) -> None:  # type: ignore[no-untyped-def]
+                 progress=print, proxy_factory: ProxyFactory | None = None) -> None:  # type: ignore[no-untyped-def]
         self.config = config or StackConfig()
+        self.proxy_factory = proxy_factory  # needed when fault_proxy.enabled
+        if self.config.fault_proxy.enabled and proxy_factory is None:
+            raise ConfigError("fault_proxy.enabled needs a proxy factory (loadtest.faultproxy.start_fault_proxy); "
+                              "'unbroken up --fault-proxies' and loadtest.chaos pass one")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir) if run_dir else Path(self.config.run.runs_dir) / f"stack-{stamp}"
         self.progress = progress
@@ -312,9 +327,8 @@ class Stack:
                 ready_url=f"http://{LOOPBACK}:{handle.kvsync_port}/health",
             ).start()
         if self.config.fault_proxy.enabled:
-            from loadtest.faultproxy import FaultProxy
-
-            handle.proxy = FaultProxy(handle.port, name=f"proxy-{replica_id}").start()
+            assert self.proxy_factory is not None
+            handle.proxy = self.proxy_factory(handle.port, f"proxy-{replica_id}")
         handle.process = self._replica_process(index, replica_id, handle.port, handle.kvsync_port,
                                                handle.url).start()
         self.progress(f"replica    {replica_id} {handle.direct_url} (pid {handle.process.pid})"
@@ -390,7 +404,8 @@ def load_stack_config(path: str | None, overrides: dict[str, Any] | None = None)
     return load_config(StackConfig, path, env_prefix=ENV_PREFIX, overrides=overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = None) -> int:
+    """``unbroken up``; ``proxy_factory`` serves ``--fault-proxies`` (the CLI passes loadtest's)."""
     parser = argparse.ArgumentParser(prog="unbroken up", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="stack YAML (default: configs/stack.yaml when present)")
     parser.add_argument("--replicas", type=int, help="number of replicas")
@@ -417,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack = Stack(config, run_dir=args.run_dir)
+    try:
+        stack = Stack(config, run_dir=args.run_dir, proxy_factory=proxy_factory)
+    except ConfigError as e:
+        print(f"unbroken up: {e}", file=sys.stderr)
+        return 2
     print(f"logs       {stack.run_dir}")
     try:
         stack.start()

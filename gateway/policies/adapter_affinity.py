@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from gateway.policies import RouteRequest, RoutingPolicy
+from gateway.policies.base import RouteRequest, RoutingPolicy
 from gateway.replicaset import Replica
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from gateway.config import RoutingSection
-from gateway.policies import POLICIES, RouteRequest
+from gateway.policies.base import POLICIES, RouteRequest
 from gateway.replicaset import Replica
 
 

@@ -6,7 +6,7 @@ import random
 from typing import Sequence
 
 from gateway.config import RoutingSection
-from gateway.policies import POLICIES, RouteRequest
+from gateway.policies.base import POLICIES, RouteRequest
 from gateway.policies.least_load import load_score
 from gateway.replicaset import Replica
 

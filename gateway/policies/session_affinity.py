@@ -18,7 +18,7 @@ import math
 from typing import Callable, Sequence
 
 from gateway.config import RoutingSection
-from gateway.policies import RouteRequest, RoutingPolicy
+from gateway.policies.base import RouteRequest, RoutingPolicy
 from gateway.replicaset import Replica
 
 

@@ -368,6 +368,9 @@ class _FakeKVSync:
     def too_large(self, session_id) -> bool:
         return session_id in self.too_large_sessions
 
+    def needs_full(self, session_id) -> bool:
+        return False
+
     def publish(self, snapshot) -> bool:
         self.published.append(snapshot)
         return True

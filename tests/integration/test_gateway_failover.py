@@ -100,19 +100,17 @@ async def test_completions_stream_with_usage_survives_two_crashes(mocks: list[Mo
         await gw.stop()
 
 
-async def test_n_greater_than_one_fails_over_only_before_the_first_byte(mocks: list[MockReplica]) -> None:
-    mocks[0].knobs.crash_after_tokens = 4
+async def test_n_greater_than_one_is_refused_at_the_edge_as_the_replica_refuses_it(mocks: list[MockReplica]) -> None:
     gw = await _gateway(mocks[:1])
     try:
-        status, _, events = await _stream(gw.url + "/v1/chat/completions", {**CHAT, "n": 2})
-        assert status == 200
-        assert isinstance(events[-1], dict) and events[-1]["error"]["code"] == "upstream_error"
-        assert "not_transferable" in events[-1]["error"]["message"]
-        mocks[0].knobs.crash_after_tokens = -1
-        mocks[0].knobs.fail_first_n = 1  # fails before the first byte: retried invisibly
-        status, headers, events = await _stream(gw.url + "/v1/chat/completions", {**CHAT, "n": 2})
-        assert status == 200 and headers["X-Unbroken-Retries"] == "1"
-        assert stream_tokens(events, 1)[0] == expected_completion(prompt_text(CHAT), 40)[0]
+        before = mocks[0].num_requests
+        async with aiohttp.ClientSession() as s:
+            for stream in (True, False):
+                async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "n": 2, "stream": stream}) as r:
+                    body = await r.json()
+                    assert r.status == 400, body
+                    assert body["error"]["param"] == "n" and body["error"]["code"] == "unsupported_value"
+        assert mocks[0].num_requests == before, "a refused request is never forwarded"
     finally:
         await gw.stop()
 

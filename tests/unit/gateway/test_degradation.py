@@ -33,11 +33,11 @@ async def test_tiers_in_order_fallback_clamp_queue_shed() -> None:
     assert a1.tiers == []
     r2 = req()
     a2 = await dc.admit(r2, deadline)
-    assert a2.tiers == ["fallback"] and r2.body["model"] == "small"
+    assert a2.tiers == ["fallback"] and r2.openai.model == "small"
     r3 = req()
     t3 = asyncio.create_task(dc.admit(r3, deadline))
     await asyncio.sleep(0.02)
-    assert dc.queue_depth == 1 and r3.body["max_tokens"] == 64
+    assert dc.queue_depth == 1 and r3.openai.max_tokens == 64
     with pytest.raises(OverloadedError) as ei:  # queue full
         await dc.admit(req(), deadline)
     assert ei.value.retry_after_s and ei.value.status == 503
@@ -47,7 +47,7 @@ async def test_tiers_in_order_fallback_clamp_queue_shed() -> None:
     r4 = req(priority="critical")
     with pytest.raises(OverloadedError):  # times out in the queue
         await dc.admit(r4, deadline)
-    assert r4.body["max_tokens"] == 1000, "critical work is not clamped"
+    assert r4.openai.max_tokens == 1000, "critical work is not clamped"
     with pytest.raises(ShedError) as ei:
         await dc.admit(req(priority="batch"), deadline)
     assert ei.value.status == 429

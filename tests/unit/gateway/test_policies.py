@@ -132,3 +132,9 @@ def test_candidates_combine_health_and_breaker() -> None:
         b.breaker.record_outcome(False)
     assert rs.candidates("qwen") == [c]
     assert rs.candidates("qwen", exclude={c}) == []
+
+
+def test_the_config_names_exactly_the_registered_policies() -> None:
+    from gateway.config import POLICY_NAMES
+
+    assert POLICIES.names() == sorted(POLICY_NAMES)

@@ -42,10 +42,15 @@ def test_good_requests_parse() -> None:
     r = parse_request(CHAT_ROUTE, {**CHAT, "stream": True, "max_tokens": 9, "user": "u1"},
                       {"X-Priority": "critical"}, None)
     assert (r.stream, r.max_tokens, r.priority, r.session_key, r.transferable) == (True, 9, "critical", "u1", True)
-    r = parse_request(CHAT_ROUTE, {**CHAT, "n": 2}, {"X-Session-ID": "s"}, None)
-    assert r.session_key == "s" and not r.transferable
-    r = parse_request(COMPLETIONS_ROUTE, {"prompt": ["a", "b"]}, {}, "qwen")
-    assert r.model == "qwen" and not r.transferable
+    r = parse_request(CHAT_ROUTE, CHAT, {"X-Session-ID": "  s "}, None)
+    assert r.session_key == "s"  # blanks stripped, as the replica does
+    r = parse_request(COMPLETIONS_ROUTE, {"prompt": ["a"]}, {}, "qwen")
+    assert r.model == "qwen" and r.openai.prompt_text == "a"
+    for bad, param in (({**CHAT, "n": 2}, "n"), ({"model": "q", "prompt": ["a", "b"]}, "prompt")):
+        route = CHAT_ROUTE if "messages" in bad else COMPLETIONS_ROUTE
+        with pytest.raises(InvalidRequestError) as ei:
+            parse_request(route, bad, {}, None)
+        assert ei.value.param == param and ei.value.status == 400
     r = parse_request(CHAT_ROUTE, {**CHAT, "model": "qwen:sql"}, {}, None)
     assert r.adapter == "sql" and r.base_model == "qwen"
     with pytest.raises(InvalidRequestError):

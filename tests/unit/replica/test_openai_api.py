@@ -31,7 +31,7 @@ def test_chat_body_with_every_supported_field():
     req = parse_chat_request(chat(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_tokens=2, ignore_eos=True, seed=3,
         stop=["\n\n", "END"], stream=True, stream_options={"include_usage": True}, user="u1",
-        resume_token_ids=[5, 6], frequency_penalty=0.1, some_unknown_field={"x": 1},
+        resume_token_ids=[5, 6], frequency_penalty=0.0, some_unknown_field={"x": 1},
     ), vocab_size=100)
     assert req.kind == "chat" and req.model == "qwen"
     assert req.messages == [{"role": "user", "content": "hi"}]
