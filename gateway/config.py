@@ -249,6 +249,25 @@ class AuthSection(Section):
     session_id_max_chars: int = Field(128, ge=1, le=1024, description="Longest X-Session-ID accepted (400 above).")
 
 
+class StreamsSection(Section):
+    resumable: bool = Field(True, description="Give every SSE event an id and keep each stream's state so "
+                                              "that a client can resume it on any gateway (Last-Event-ID).")
+    state_write_interval_ms: int = Field(50, gt=0, description="How often running streams' new tokens are "
+                                                               "written behind the relay to Redis.")
+    state_ttl_s: int = Field(600, gt=0, description="How long a stream stays resumable after its last write.")
+    state_queue_max: int = Field(4096, gt=0, description="Ended streams waiting for their last write (more are "
+                                                         "dropped and counted; the relay never waits).")
+    max_stream_tokens: int = Field(65536, gt=0, description="Largest token count accepted when reading a "
+                                                            "stream's state back from Redis.")
+    max_local_streams: int = Field(10000, gt=0, description="Ended streams kept in this process for "
+                                                            "same-gateway resumes (oldest dropped first).")
+    idempotency_window_s: int = Field(300, gt=0, description="A non-stream request repeated with the same "
+                                                             "X-Request-ID and body within this time gets "
+                                                             "the first answer instead of a new generation.")
+    max_answer_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest non-stream answer kept for "
+                                                                      "repeats (larger ones are not shared).")
+
+
 class MetricsSection(Section):
     enabled: bool = Field(True, description="Serve /metrics.")
 
@@ -266,6 +285,7 @@ class GatewayConfig(Section):
     retry: RetrySection = Field(default_factory=RetrySection)
     degradation: DegradationSection = Field(default_factory=DegradationSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    streams: StreamsSection = Field(default_factory=StreamsSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @model_validator(mode="after")

@@ -128,6 +128,20 @@ class GatewayMetrics:
         self.client_disconnects = Counter(PREFIX + "client_disconnects",
                                           "Streams ended because the client left or was too slow.", ["reason"],
                                           registry=r)
+        self.stream_state_writes = Counter(PREFIX + "stream_state_writes",
+                                           "Stream states written behind the relay to Redis, by outcome "
+                                           "(ok | error | dropped); not ok = resumable only on this gateway.",
+                                           ["outcome"], registry=r)
+        self.stream_state_reads = Counter(PREFIX + "stream_state_reads",
+                                          "Stream states read back from Redis, by outcome (ok | error | malformed).",
+                                          ["outcome"], registry=r)
+        self.stream_resumes = Counter(PREFIX + "stream_resumes",
+                                      "Client reconnects with Last-Event-ID, by outcome (local | redis: resumed "
+                                      "from that state; refused: a 4xx).", ["outcome"], registry=r)
+        self.idempotent_replays = Counter(PREFIX + "idempotent_replays",
+                                          "Non-stream requests answered with the answer of an earlier one with "
+                                          "the same X-Request-ID, by source (local | redis).", ["source"],
+                                          registry=r)
 
         self._request_children: dict[tuple[str, int, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

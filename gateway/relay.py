@@ -40,7 +40,8 @@ from gateway.protocol import ClientRequest
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
 from gateway.resume import for_engine, resume_body
 from gateway.retry import AttemptError, RetryExecutor
-from gateway.stream_rewrite import DONE, DONE_EVENT, StreamRewriter
+from gateway.stream_rewrite import DONE, ResumePoint, StreamRewriter
+from gateway.streamstate import StreamRecord, StreamStateStore
 from unbroken.errors import (
     ClientError,
     NoReplicaError,
@@ -133,6 +134,8 @@ class RequestContext:
     num_prompt_tokens: int = 0  # from the replica's usage event, when the stream carries one
     # While a broken stream is being resumed: the resume modes a replica must offer for this route.
     resume_modes: frozenset[str] | None = None
+    state: StreamRecord | None = None  # a resumable stream's state, kept in ``Relay.streams``
+    resume: ResumePoint | None = None  # a client's reconnect: where its stream continues
 
 
 class Upstream:
@@ -213,6 +216,7 @@ class Relay:
         self.executor = executor
         self.metrics = metrics
         self.ttft = TTFTTracker()
+        self.streams: StreamStateStore | None = None  # resumable streams' state (set by the server)
         self.session: aiohttp.ClientSession | None = None
         rc = config.replicas
         self._auth_header = {"Authorization": f"Bearer {rc.shared_token}"} if rc.shared_token else {}
@@ -509,9 +513,19 @@ class Relay:
                     break
                 up.prefix.append(p)
 
-    async def open_stream(self, ctx: RequestContext, rw: StreamRewriter | None = None) -> Upstream:
+    async def open_stream(self, ctx: RequestContext, rw: StreamRewriter | None = None, *,
+                          resume_token_ids: list[int] | None = None) -> Upstream:
         """Open a stream for ``ctx``; with ``rw``, resume the stream ``rw`` has relayed so far on a
-        replica that can continue it (``gateway/resume.py``)."""
+        replica that can continue it (``gateway/resume.py``). ``resume_token_ids``: a client's
+        reconnect (``Last-Event-ID``) continues from these tokens, exactly, so only on a replica
+        that resumes by token ids."""
+        if rw is None and resume_token_ids:
+            payload = ctx.req.payload(resume_token_ids)
+            ctx.resume_modes = frozenset({"token"})
+            try:
+                return await self._with_retries(ctx, lambda: self._open_stream(ctx, lambda _rep: payload))
+            finally:
+                ctx.resume_modes = None
         if rw is None:
             return await self._with_retries(ctx, lambda: self._open_stream(ctx, self._payloads(ctx)))
         req = ctx.req
@@ -554,7 +568,17 @@ class Relay:
         ctx.replica = up.replica
         write_timeout_s = self.config.server.client_write_timeout_s
         observe_itl = self.metrics.inter_token.observe
-        rw = StreamRewriter(up.first_obj or {}, transferable=ctx.req.transferable)
+        resumable = self.config.streams.resumable
+        rw = StreamRewriter(up.first_obj or {}, transferable=ctx.req.transferable,
+                            request_id=ctx.request_id if resumable else None, resume=ctx.resume)
+        state = ctx.state if resumable and ctx.req.transferable else None
+        if state is not None and self.streams is not None:
+            state.stream_id, state.created, state.model = rw.orig_id, rw.orig_created, rw.orig_model
+            state.body = ctx.req.openai.to_body()  # as sent (after degradation), without resume_token_ids
+            state.token_ids = rw.sent_ids  # shared, not copied: the write-behind reads it
+            self.streams.open(state)
+        else:
+            state = None
         last_write_s = 0.0
 
         async def write(data: bytes) -> None:
@@ -576,7 +600,7 @@ class Relay:
                     if batch is None and failure is None:  # the replica closed the stream
                         if rw.finish_seen:
                             up.finish(Outcome.SUCCESS)
-                            await write(DONE_EVENT)
+                            await write(rw.done_event())
                             break
                         failure = ("closed", UpstreamError(f"replica {up.replica.replica_id} closed the stream"))
                 if batch is not None:
@@ -611,6 +635,8 @@ class Relay:
             ctx.status = 499
         finally:
             ctx.num_completion_tokens = len(rw.sent_ids)
+            if state is not None and self.streams is not None:
+                self.streams.close(state, finished=rw.finish_seen)
             up.finish(Outcome.NEUTRAL)  # a no-op unless the stream ended without an outcome
         return resp
 
@@ -635,13 +661,13 @@ class Relay:
             self.health.mark_suspect(failed.replica, err.message)
         self._count_attempt(failed.replica, reason)
         if rw.finish_seen:  # everything was delivered; only the end marker is missing
-            return None, DONE_EVENT
+            return None, rw.done_event()
         why = self._why_not_resumable(ctx)
         if why is not None:
             self.metrics.failover_failures.labels(why).inc()
             ctx.status = 502
-            return None, sse_error_event(UpstreamError(
-                f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}"))
+            return None, rw.tag(sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and the stream could not be resumed ({why}): {err.message}")))
         ctx.num_failovers += 1
         self.metrics.failovers.labels(reason).inc()
         log.info("request %s: %s on %s after %d tokens; resuming elsewhere", ctx.request_id, reason,
@@ -652,8 +678,8 @@ class Relay:
             self.metrics.failover_failures.labels("no_replica" if e.reason != "not_resumable" else
                                                   "not_resumable").inc()
             ctx.status = 502
-            return None, sse_error_event(UpstreamError(
-                f"the replica failed mid-stream and no other could resume it: {e.error.message}"))
+            return None, rw.tag(sse_error_event(UpstreamError(
+                f"the replica failed mid-stream and no other could resume it: {e.error.message}")))
         mode = up.replica.resume_mode(ctx.req.route)
         rw.note_resume(mode)
         self.metrics.resumes.labels(mode, up.replica.kind).inc()

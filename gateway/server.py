@@ -18,10 +18,11 @@ from typing import Any, AsyncIterator
 import orjson
 from aiohttp import web
 
-from gateway.auth import Authenticator, KeyLease, RateLimiter, SessionScope, run_rate_limit_sync
+from gateway.auth import ApiKey, Authenticator, KeyLease, RateLimiter, SessionScope, run_rate_limit_sync
 from gateway.config import GatewayConfig
 from gateway.degradation import DegradationController
 from gateway.health import HealthMonitor
+from gateway.idempotency import AnswerCache
 from gateway.metrics import GatewayMetrics, ReplicaCollector
 from gateway.openapi import openapi_spec
 from gateway.policies import RouteRequest, make_policy
@@ -34,14 +35,19 @@ from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
 from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
+from gateway.stream_rewrite import EventId, ResumePoint
+from gateway.streamstate import StreamRecord, StreamStateStore, body_sha256, check_request_id
 from unbroken.contract import headers as hdr
 from unbroken.errors import (
     ClientError,
     ContextLengthError,
+    ConflictError,
+    InvalidRequestError,
     ModelNotFoundError,
     NoReplicaError,
     NotFoundError,
     ShedError,
+    StreamNotFoundError,
     UnbrokenError,
 )
 from unbroken.http import error_middleware, error_response, json_response, read_json_body
@@ -67,6 +73,8 @@ class Gateway:
     sessions: SessionScope
     policy: Any
     budget: RetryBudget
+    streams: StreamStateStore
+    answers: AnswerCache
     redis: Any = None
     discovery: RegistryDiscovery | None = None
     session_sync: RedisSessionSync | None = None
@@ -120,9 +128,13 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     degradation = DegradationController(config.degradation, replicas, num_workers=num_workers)
     metrics.attach_replicas(ReplicaCollector(replicas, lambda: degradation.queue_depth,
                                              lambda: degradation.num_inflight))
+    streams = StreamStateStore(config.streams, config.redis.key_prefix, metrics, config.server.max_body_bytes,
+                               config.redis.op_timeout_s, body_extra_ttl_s=config.server.request_deadline_s)
+    relay.streams = streams
+    answers = AnswerCache(config.streams, config.redis.key_prefix, metrics, config.redis.op_timeout_s)
     return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,
                    auth=Authenticator(config.auth), limiter=RateLimiter(), metrics=metrics,
-                   placements=placements, policy=policy, budget=budget,
+                   placements=placements, policy=policy, budget=budget, streams=streams, answers=answers,
                    sessions=SessionScope.from_config(config.auth, config.replicas.shared_token))
 
 
@@ -145,6 +157,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         gw.session_sync = RedisSessionSync(gw.placements, gw.redis, cfg.redis.key_prefix, cfg.redis.session_ttl_s,
                                            cfg.redis.op_timeout_s)
         await gw.session_sync.start()
+        gw.streams.attach_redis(gw.redis)
+        gw.streams.start()
+        gw.answers.redis = gw.redis
         tasks.append(asyncio.create_task(run_rate_limit_sync(gw.limiter, gw.redis, cfg.redis.key_prefix, 0.25)))
     try:
         yield
@@ -155,6 +170,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await gw.discovery.stop()
         if gw.session_sync is not None:
             await gw.session_sync.stop()
+        await gw.streams.stop()
         await gw.health.stop()
         await gw.relay.stop()
         if gw.redis is not None:
@@ -192,8 +208,12 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
     gw = request.app[GATEWAY_KEY]
     cfg = gw.config
     started = time.monotonic()
-    request_id = request.headers.get("X-Request-ID") or os.urandom(12).hex()
-    out_headers = {"X-Request-ID": request_id}
+    client_request_id = request.headers.get("X-Request-ID")
+    last_event_id = request.headers.get("Last-Event-ID")
+    if client_request_id is None and last_event_id is not None:  # a reconnect names its stream either way
+        client_request_id = last_event_id.strip().rpartition(":")[0] or None
+    request_id = client_request_id or os.urandom(12).hex()
+    out_headers = {"X-Request-ID": request_id[:128]}
     status = 500
     replica_label = "none"
     try:
@@ -204,8 +224,11 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
         return error_response(e, headers=out_headers)
     lease: KeyLease | None = None
     try:
+        if client_request_id is not None:
+            check_request_id(client_request_id)
         body = await read_json_body(request, cfg.server.max_body_bytes, cfg.server.body_read_timeout_s)
         req = parse_request(route, body, request.headers, gw.replicas.default_model)
+        sha = body_sha256(body) if cfg.streams.resumable and (req.stream or client_request_id) else ""
         if req.model not in gw.replicas.all_models:
             if not gw.replicas.all_models:
                 gw.relay.log_no_replica(req.model, "no replica has reported its models yet")
@@ -229,8 +252,25 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
             raise
         if gw.draining:
             raise NoReplicaError("the gateway is shutting down", retry_after_s=cfg.degradation.retry_after_s)
-        resp, status, replica_label = await _serve(gw, request, req, request_id, out_headers, started, lease,
-                                                   scoped_session)
+        resume: ResumePoint | None = None
+        state: StreamRecord | None = None
+        if last_event_id is not None and not (req.stream and sha):
+            raise InvalidRequestError("Last-Event-ID resumes a stream, and this gateway keeps no stream state"
+                                      if req.stream else "Last-Event-ID is for streams ('stream': true) only",
+                                      param="Last-Event-ID")
+        if req.stream and sha:
+            if last_event_id is not None:
+                resume, stored_body = await _resume_point(gw, route, req, request_id, last_event_id, key, sha)
+                # the request as it was sent to replicas (a fallback model, a clamp), parsed again: untrusted
+                req.openai = parse_request(route, stored_body, request.headers, gw.replicas.default_model).openai
+            state = StreamRecord(request_id=request_id, route=route, principal=key.name, body_sha256=sha,
+                                 body={})  # the body as sent is filled in when the stream opens
+        elif not req.stream and sha and client_request_id is not None:
+            resp, status, replica_label = await _serve_once(gw, request, req, request_id, out_headers, started,
+                                                            key, lease, scoped_session, sha)
+            return resp
+        resp, status, replica_label = await _serve(gw, request, req, request_id, out_headers, started, key,
+                                                   lease, scoped_session, state=state, resume=resume)
         return resp
     except UnbrokenError as e:
         status = e.status
@@ -272,9 +312,73 @@ def _shed_reason(err: UnbrokenError) -> str:
     return "queue"  # the queue was full or its wait ran out
 
 
+async def _resume_point(gw: Gateway, route: str, req: ClientRequest, request_id: str, last_event_id: str,
+                        key: ApiKey, sha: str) -> tuple[ResumePoint, dict[str, Any]]:
+    """Where a client's reconnect continues, from the stream's state here or in Redis; a 4xx for an
+    unknown or expired stream, another key's, another body, or a point that cannot be reached exactly."""
+    cfg = gw.config
+    refused = gw.metrics.stream_resumes.labels("refused")
+    try:
+        last = EventId.parse(last_event_id, cfg.streams.max_stream_tokens)
+    except ValueError as e:
+        refused.inc()
+        raise InvalidRequestError(f"Last-Event-ID: {e}", param="Last-Event-ID") from None
+    if last.request_id != request_id:
+        refused.inc()
+        raise InvalidRequestError("Last-Event-ID belongs to another request: send the X-Request-ID of the "
+                                  "stream being resumed", param="Last-Event-ID")
+    record, source = await gw.streams.lookup(request_id)
+    if record is None or record.principal != key.name:  # another key's stream is not theirs to know of
+        refused.inc()
+        raise StreamNotFoundError(f"no stream {request_id!r} to resume: unknown, expired, or not this key's "
+                                  f"(streams stay resumable for {cfg.streams.state_ttl_s} s)", param="Last-Event-ID")
+    if record.route != route or record.body_sha256 != sha:
+        refused.inc()
+        raise ConflictError("a resumed stream must be requested with the same route and body as at its start",
+                            param="Last-Event-ID")
+    known = record.token_ids[:last.num_tokens]
+    if len(known) < last.num_tokens and (record.finished or not _deterministic(record.body)):
+        refused.inc()
+        raise ConflictError(f"the stream's state holds {len(record.token_ids)} tokens, fewer than the "
+                            f"{last.num_tokens} of Last-Event-ID, and its sampling is not greedy or seeded: it "
+                            f"cannot be continued exactly", param="Last-Event-ID")
+    gw.metrics.stream_resumes.labels(source).inc()
+    log.info("request %s: resuming from %s (%d of its tokens known, state from %s)", request_id, last_event_id,
+             len(known), source)
+    return ResumePoint(last=last, known_token_ids=list(known), stream_id=record.stream_id, created=record.created,
+                       model=record.model), dict(record.body)
+
+
+def _deterministic(body: dict[str, Any]) -> bool:
+    """Whether the replica regenerates the same tokens (greedy or seeded)."""
+    return body.get("temperature") == 0 or body.get("top_k") == 1 or body.get("seed") is not None
+
+
+async def _serve_once(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,
+                      out_headers: dict[str, str], started: float, key: ApiKey, lease: KeyLease,
+                      scoped_session: str | None, sha: str) -> tuple[web.StreamResponse, int, str]:
+    """A non-stream request with the client's X-Request-ID: generated once per id and body."""
+    served: dict[str, Any] = {}
+
+    async def generate() -> tuple[int, bytes]:
+        resp, status, replica = await _serve(gw, request, req, request_id, out_headers, started, key, lease,
+                                             scoped_session)
+        served["replica"] = replica
+        assert isinstance(resp, web.Response) and resp.body is not None
+        return status, bytes(resp.body)  # type: ignore[arg-type]
+
+    (status, body), source = await gw.answers.run(request_id, key.name, sha, generate,
+                                                  started + gw.config.server.request_deadline_s)
+    if source is not None:
+        out_headers["X-Unbroken-Replayed"] = source
+    resp = web.Response(body=body, status=status, headers=out_headers, content_type="application/json")
+    return resp, status, served.get("replica", "none")
+
+
 async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_id: str,
-                 out_headers: dict[str, str], started: float, lease: KeyLease,
-                 scoped_session: str | None) -> tuple[web.StreamResponse, int, str]:
+                 out_headers: dict[str, str], started: float, key: ApiKey, lease: KeyLease,
+                 scoped_session: str | None, *, state: StreamRecord | None = None,
+                 resume: ResumePoint | None = None) -> tuple[web.StreamResponse, int, str]:
     cfg = gw.config
     deadline = started + cfg.server.request_deadline_s
     gw.budget.on_request()
@@ -304,14 +408,15 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
                                  num_prompt_tokens=int(req.num_prompt_chars / cfg.routing.chars_per_token),
                                  session_key=req.session_key, adapter=req.adapter, priority=req.priority)
         ctx = RequestContext(req=req, request_id=request_id, started_s=started, deadline_s=deadline,
-                             forward_headers=fwd, route=route_req, tiers=admission.tiers)
+                             forward_headers=fwd, route=route_req, tiers=admission.tiers, state=state, resume=resume)
         route_req.exclude = ctx.tried
         fallbacks = _FallbackPlan(cfg.degradation.context_fallback_models, cfg.degradation.error_fallback_models,
                                   req.model)
         while True:
             try:
                 if req.stream:
-                    up = await gw.relay.open_stream(ctx)
+                    up = await gw.relay.open_stream(
+                        ctx, resume_token_ids=resume.known_token_ids if resume else None)
                 else:
                     status, body = await gw.relay.call_nonstream(ctx)
                 break

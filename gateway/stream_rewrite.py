@@ -15,6 +15,17 @@ After a failover (a *resumed* stream):
 It also keeps what a text-mode resume needs (the answer's text so far and its chunk count), and a
 payload that is not a JSON object (a malformed event) is a failure of the replica, never an
 exception in the middle of the client's open response.
+
+Event ids (when the stream is resumable: ``request_id`` given): every event gets
+``id: <request id>:<N>`` where N counts the tokens the client has once it has the event; an event
+that carries no token (the end chunk, usage, an error, ``[DONE]``) gets ``<request id>:<N>.<k>``,
+the k-th such event since the N-th token. The role chunk is ``<request id>:0``.
+
+A client's reconnect (:class:`ResumePoint`) starts a rewriter that is already *resumed*: the stream
+continues on a replica from the first ``num_known`` of the client's tokens (those in the stream
+state); the replica regenerates the rest up to the client's last event (greedy or seeded: the same
+tokens), and those events are dropped here, so the client gets exactly the events after the one it
+named.
 """
 
 from __future__ import annotations
@@ -36,6 +47,39 @@ def sse_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+@dataclass(frozen=True)
+class EventId:
+    """A parsed ``Last-Event-ID``: the client has ``num_tokens`` tokens and ``num_tail`` token-less
+    events after the last of them."""
+
+    request_id: str
+    num_tokens: int
+    num_tail: int = 0
+
+    @classmethod
+    def parse(cls, value: str, max_tokens: int) -> "EventId":
+        """Raises ValueError for anything but ``<request id>:<N>`` or ``<request id>:<N>.<k>``."""
+        rid, sep, pos = value.strip().rpartition(":")
+        n, dot, k = pos.partition(".")
+        if not sep or not rid or not n.isdigit() or (dot and not k.isdigit()) or len(n) > 9 or len(k) > 4:
+            raise ValueError(f"not an event id of this gateway: {value[:80]!r}")
+        if int(n) > max_tokens:
+            raise ValueError("event id beyond any stream")
+        return cls(rid, int(n), int(k) if dot else 0)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a client's reconnect continues: its last event, the tokens known for it, the original
+    chunk fields."""
+
+    last: EventId
+    known_token_ids: list[int]  # the stream state's tokens, at most ``last.num_tokens`` of them
+    stream_id: str | None
+    created: int | None
+    model: str | None
+
+
 @dataclass
 class RewrittenBatch:
     """One batch's result. At most one of ``done``, ``end_error`` and ``failure`` is set."""
@@ -49,7 +93,8 @@ class RewrittenBatch:
 class StreamRewriter:
     """One client stream's rewriting state across the replicas that serve it."""
 
-    def __init__(self, first_obj: dict[str, Any], *, transferable: bool) -> None:
+    def __init__(self, first_obj: dict[str, Any], *, transferable: bool, request_id: str | None = None,
+                 resume: ResumePoint | None = None) -> None:
         self.orig_id = first_obj.get("id")
         self.orig_created = first_obj.get("created")
         self.orig_model = first_obj.get("model")
@@ -64,6 +109,54 @@ class StreamRewriter:
         self.resume_mode = ""  # "token" | "text" once resumed
         self.num_tokens_before_text_resume = 0
         self._num_upstreams = 0
+        self._id_prefix = f"id: {request_id}:".encode() if request_id is not None else None
+        self._num_tail = 0  # token-less events since the last token
+        self._skip_to: EventId | None = None
+        if resume is not None:  # a client's reconnect: its stream is already open
+            self.orig_id, self.orig_created, self.orig_model = resume.stream_id, resume.created, resume.model
+            self.sent_ids = list(resume.known_token_ids)
+            self._num_upstreams = 1
+            self._skip_to = resume.last
+            self._skip_tail = 0
+
+    def _event(self, payload: bytes, num_ids: int) -> bytes:
+        """``payload`` as an SSE event, with its id when the stream is resumable."""
+        if self._id_prefix is None:
+            return b"data: " + payload + b"\n\n"
+        if num_ids:
+            self._num_tail = 0
+            return b"%s%d\ndata: %s\n\n" % (self._id_prefix, len(self.sent_ids), payload)
+        self._num_tail += 1
+        return b"%s%d.%d\ndata: %s\n\n" % (self._id_prefix, len(self.sent_ids), self._num_tail, payload)
+
+    def tag(self, event: bytes) -> bytes:
+        """A whole ``data:`` event made elsewhere (an error, [DONE]) given its id."""
+        if self._id_prefix is None:
+            return event
+        self._num_tail += 1
+        return b"%s%d.%d\n%s" % (self._id_prefix, len(self.sent_ids), self._num_tail, event)
+
+    def done_event(self) -> bytes:
+        return self.tag(DONE_EVENT)
+
+    def _skipping(self, num_ids: int) -> bool:
+        """While a reconnect catches up to the client's last event: whether this event is one the
+        client already has (its tokens are recorded either way)."""
+        target = self._skip_to
+        assert target is not None
+        have = len(self.sent_ids)
+        if have < target.num_tokens:
+            if have + num_ids <= target.num_tokens:
+                return True
+            # The replica chunked differently from the first run (rare): the event is sent whole.
+            self._skip_to = None
+            return False
+        if num_ids == 0 and self._skip_tail < target.num_tail:
+            self._skip_tail += 1
+            self._num_tail += 1
+            return True
+        self._skip_to = None
+        return False
 
     @property
     def num_tokens_sent(self) -> int:
@@ -89,14 +182,16 @@ class StreamRewriter:
         if self._num_upstreams > 1:
             self.resumed = True
             return b""
-        return b"".join(sse_event(p) for p in opening)
+        if self._id_prefix is None:
+            return b"".join(sse_event(p) for p in opening)
+        return b"".join(b"%s0\ndata: %s\n\n" % (self._id_prefix, p) for p in opening)
 
     def rewrite(self, batch: list[bytes], *, replica_id: str, num_failovers: int) -> RewrittenBatch:
         """The bytes to send for ``batch`` (payloads of one read, from ``replica_id``)."""
         out: list[bytes] = []
         for p in batch:
             if p == DONE:
-                out.append(DONE_EVENT)
+                out.append(self.done_event())
                 return RewrittenBatch(b"".join(out), done=True)
             try:
                 obj = orjson.loads(p)
@@ -109,23 +204,29 @@ class StreamRewriter:
                 err = engine_error(None, obj)
                 if err.blames_replica:
                     return RewrittenBatch(b"".join(out), failure=err)
-                out.append(sse_error_event(err))
+                out.append(self.tag(sse_error_event(err)))
                 return RewrittenBatch(b"".join(out), end_error=err)
-            if self._rewrite_chunk(obj, replica_id, num_failovers):
+            ids = _token_ids(obj)
+            if self._skip_to is not None and self._skipping(len(ids)):
+                self.sent_ids.extend(ids)
+                if any(ch.get("finish_reason") for ch in obj.get("choices") or ()):
+                    self.finish_seen = True
+                continue
+            if self._rewrite_chunk(obj, ids, replica_id, num_failovers):
                 p = orjson.dumps(obj)
-            out.append(sse_event(p))
+            out.append(self._event(p, len(ids)))
         return RewrittenBatch(b"".join(out))
 
-    def _rewrite_chunk(self, obj: dict[str, Any], replica_id: str, num_failovers: int) -> bool:
+    def _rewrite_chunk(self, obj: dict[str, Any], ids: list[int], replica_id: str, num_failovers: int) -> bool:
         """Record ``obj``'s token ids and rewrite it in place; True if it changed."""
         changed = self.resumed
+        self.sent_ids.extend(ids)
         choices = obj.get("choices")
         if choices:
             for ch in choices:
                 if not isinstance(ch, dict):
                     continue
                 if ch.get("index", 0) == 0:
-                    ids = ch.get("token_ids")
                     delta = ch.get("delta")
                     text = ch.get("text") if "text" in ch else (delta.get("content") if isinstance(delta, dict)
                                                                 else None)
@@ -134,8 +235,6 @@ class StreamRewriter:
                         self.num_content_chunks += 1
                         if not ids:
                             self.ids_complete = False
-                    if ids:
-                        self.sent_ids.extend(ids)
                 if ch.get("finish_reason"):
                     self.finish_seen = True
                     changed = True
@@ -164,3 +263,12 @@ class StreamRewriter:
             stamp["resume"] = "text"
             stamp["exact"] = False
         return stamp
+
+
+def _token_ids(obj: dict[str, Any]) -> list[int]:
+    """The token ids of choice 0 in a chunk (empty when it carries none)."""
+    for ch in obj.get("choices") or ():
+        if isinstance(ch, dict) and ch.get("index", 0) == 0:
+            ids = ch.get("token_ids")
+            return ids if isinstance(ids, list) else []
+    return []

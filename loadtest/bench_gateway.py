@@ -12,6 +12,11 @@ servers as little CPU as possible.
 Figures: requests/s at ``--connections`` (32) for a small non-stream chat request, the median and
 p99 latency at one connection and what each hop adds over direct, and SSE chunks/s relayed for
 long streams. ``python -m loadtest.bench_gateway [--duration-s 5] [--workers 2]``.
+
+``--stream-state``: the cost of resumable streams instead — two gateways on one Redis, alike but for
+``streams.resumable`` (event ids, the stream state kept locally and written behind to Redis), under
+a load of short streams: streams/s, gateway CPU per stream and SSE chunks/s, on / off (target: on
+costs <= 5% of streams/s).
 """
 
 from __future__ import annotations
@@ -230,7 +235,107 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
 # -- the run -----------------------------------------------------------------------------------------
 
 
-def _gateway_config(path: Path, workers: int) -> None:
+async def _stream_load(port: int, connections: int, duration_s: float, num_tokens: int,
+                       cpu_pids: list[int]) -> tuple[float, float, int]:
+    """Streams/s of ``connections`` clients each streaming ``num_tokens``-token answers back to back,
+    the CPU seconds per stream of ``cpu_pids``, and errors."""
+    import aiohttp
+
+    body = orjson.dumps({"model": "qwen", "messages": [{"role": "user", "content": "stream"}],
+                         "max_tokens": num_tokens, "stream": True, "ignore_eos": True, "temperature": 0})
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    errors = 0
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}",
+                                              "Content-Type": "application/json"}) as s:
+        async def one(stop_at: float) -> int:
+            nonlocal errors
+            n = 0
+            while time.perf_counter() < stop_at:
+                async with s.post(url, data=body) as r:
+                    data = await r.read()
+                    if r.status != 200 or not data.endswith(b"data: [DONE]\n\n"):
+                        errors += 1
+                n += 1
+            return n
+
+        await asyncio.gather(*[one(time.perf_counter() + 0.5) for _ in range(connections)])  # warm up
+        cpu0 = _cpu_s(cpu_pids)
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*[one(t0 + duration_s) for _ in range(connections)])
+        elapsed = time.perf_counter() - t0
+        n = sum(counts)
+        return n / elapsed, (_cpu_s(cpu_pids) - cpu0) / max(1, n), errors
+
+
+def run_stream_state(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Streams/s and SSE chunks/s with the stream state on and off (``--stream-state``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-state-"))
+    procs: list[ManagedProcess] = []
+    try:
+        mock_port = free_port()
+        procs.append(ManagedProcess("mock", python_module_cmd("loadtest.mock_replica", "--port", str(mock_port),
+                                                              "--replica-id", "bench"),
+                                    log_path=tmp / "mock.log", ready_url=f"http://127.0.0.1:{mock_port}/health").start())
+        redis_proc, redis_url = start_redis(log_path=tmp / "redis.log")
+        procs.append(redis_proc)
+        targets = []
+        for name, resumable in (("stream state off", False), ("stream state on", True)):
+            port = free_port()
+            cfg_path = tmp / f"gateway-{int(resumable)}.yaml"
+            _gateway_config(cfg_path, 1, streams={"resumable": resumable})
+            procs.append(ManagedProcess(name, python_module_cmd("gateway", "--config", str(cfg_path), "--port", str(port),
+                                                                "--replica", f"http://127.0.0.1:{mock_port}",
+                                                                "--redis-url", redis_url),
+                                        log_path=tmp / f"gateway-{int(resumable)}.log",
+                                        env={"UNBROKEN_LOG_LEVEL": "WARNING"},
+                                        ready_url=f"http://127.0.0.1:{port}/readyz").start())
+            targets.append((name, port, procs[-1].pid))
+        for p in procs:
+            p.wait_ready(60)
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:  # pragma: no cover
+            pass
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        for i in range(args.rounds):
+            order = targets if i % 2 == 0 else targets[::-1]  # alternate who goes first
+            for name, port, pid in order:
+                sps, cpu, errors = asyncio.run(_stream_load(port, args.connections, args.duration_s,
+                                                            args.stream_tokens, _proc_tree(pid)))
+                rounds[name].append({"streams_per_s": sps, "cpu_us_per_stream": cpu * 1e6, "errors": errors})
+            print(f"  round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        results = []
+        for name, port, _ in targets:
+            rs = rounds[name]
+            results.append({"target": name, "streams_per_s": statistics.median(r["streams_per_s"] for r in rs),
+                            "cpu_us_per_stream": statistics.median(r["cpu_us_per_stream"] for r in rs),
+                            "errors": sum(r["errors"] for r in rs),
+                            "sse_chunks_per_s": asyncio.run(_sse_chunks_per_s(port, args.sse_streams,
+                                                                              args.sse_tokens))})
+        return results
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def report_stream_state(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    off, on = results
+    lines = [f"stream state benchmark: {args.connections} connections x {args.duration_s:.0f}s of "
+             f"{args.stream_tokens}-token streams, median of {args.rounds} alternating rounds; "
+             f"{args.sse_streams} streams x {args.sse_tokens} tokens; cpus: {os.cpu_count()}", "",
+             "| gateway | streams/s | gateway CPU per stream (us) | SSE chunks/s | errors |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['target']} | {r['streams_per_s']:.1f} | {r['cpu_us_per_stream']:.0f} | "
+                     f"{r['sse_chunks_per_s']:.0f} | {r['errors']} |")
+    lines += ["", f"streams/s, on / off: {on['streams_per_s'] / off['streams_per_s']:.3f} (target >= 0.95)",
+              f"CPU per stream, on / off: {on['cpu_us_per_stream'] / max(1e-9, off['cpu_us_per_stream']):.3f}",
+              f"SSE chunks/s, on / off: {on['sse_chunks_per_s'] / off['sse_chunks_per_s']:.3f}"]
+    return "\n".join(lines)
+
+
+def _gateway_config(path: Path, workers: int, **sections: Any) -> None:
     cfg = {
         "auth": {"enabled": True, "api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
                                                 "requests_per_minute": 100_000_000,
@@ -239,6 +344,7 @@ def _gateway_config(path: Path, workers: int) -> None:
         "routing": {"policy": "least_load", "session_affinity": True, "adapter_affinity": True},
         "degradation": {"overload_inflight_per_replica": 1024, "queue_max_depth": 256},
         "server": {"workers": workers},
+        **sections,
     }
     path.write_text(json.dumps(cfg))  # JSON is YAML
 
@@ -331,12 +437,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-streams", type=int, default=4)
     parser.add_argument("--sse-tokens", type=int, default=5000)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--stream-state", action="store_true",
+                        help="measure the cost of resumable streams (state on vs off) instead")
+    parser.add_argument("--stream-tokens", type=int, default=32, help="tokens per stream (--stream-state)")
     parser.add_argument("--serve-bare-proxy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare_proxy:
         serve_bare_proxy(args.port, args.upstream)
+        return 0
+    if args.stream_state:
+        results = run_stream_state(args)
+        print(report_stream_state(results, args))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     results = run(args)
     print(report(results, args))

@@ -234,7 +234,9 @@ def run_scenario(stack: Stack, scenario: Scenario, report_dir: str | Path, *, co
         (out / name).unlink(missing_ok=True)
     injector = FaultInjector(stack)
     counters_before = stack_counters(stack)
-    locust = _LocustProcess(locust_command(scenario, stack.url, out), out / "locust.log", api_key=stack.api_key)
+    fallbacks = ["--fallback-hosts", ",".join(stack.urls[1:])] if len(stack.urls) > 1 else []
+    locust = _LocustProcess(locust_command(scenario, stack.url, out, fallbacks), out / "locust.log",
+                            api_key=stack.api_key)
     errors: list[str] = []
     runner: ScenarioRunner | None = None
     rc: int | None = None
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_stack_config(args.stack_config, {
         "replicas.count": args.replicas, "replicas.model_path": args.model, "gateway.port": 0,
         "fault_proxy.enabled": True if scenario.needs_fault_proxy else None,
+        "gateway.count": scenario.num_gateways if scenario.num_gateways > 1 else None,
     })
     command = "python -m loadtest.chaos " + " ".join(shlex.quote(a) for a in argv_list)
     print(f"chaos: {scenario.name} for {scenario.duration_s:.0f}s; logs in {report_dir}", flush=True)

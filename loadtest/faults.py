@@ -245,6 +245,28 @@ class FaultInjector:
         self._end("restart_gateway", "gateway")
         return rec
 
+    def _gateway_index(self, target: str) -> int:
+        """``gateway`` / ``gateway-0`` is the first of the stack's gateways, ``gateway-1`` the second, ..."""
+        name, _, num = target.partition("-")
+        index = int(num) if num.isdigit() else 0
+        if name != "gateway" or index >= len(self.stack.gateways):
+            raise KeyError(f"no gateway {target!r} in this stack ({len(self.stack.gateways)} gateways)")
+        return index
+
+    def kill_gateway(self, target: str = "gateway") -> FaultRecord:
+        """kill -9 one gateway process: its streams break, clients reconnect to another gateway."""
+        index = self._gateway_index(target)
+        proc = self._check_owned(self.stack.gateways[index], target)
+        rec = self._begin("kill_gateway", target)
+        proc.kill()
+        return rec
+
+    def restart_killed_gateway(self, target: str = "gateway", wait: bool = True) -> None:
+        index = self._gateway_index(target)
+        self._check_owned(self.stack.gateways[index], target)
+        self.stack.restart_gateway(wait=wait, index=index)
+        self._end("kill_gateway", target)
+
     # -- undo ----------------------------------------------------------------------------------------
 
     def heal(self, wait: bool = True) -> None:
@@ -266,6 +288,8 @@ class FaultInjector:
             self.clear_proxy(rec.target)
         elif rec.action == "kill_redis":
             self.restart_redis()
+        elif rec.action == "kill_gateway":
+            self.restart_killed_gateway(rec.target, wait=wait)
         elif rec.action == "kill_kvsync":
             r = self._replica(rec.target)
             if r.kvsync is not None and not r.kvsync.alive():

@@ -57,6 +57,9 @@ def _add_arguments(parser) -> None:  # type: ignore[no-untyped-def]
                    default=float(os.environ.get("UNBROKEN_LOADTEST_DURATION_S", 0)),
                    help="stop this many seconds after the references are made (unlike -t, which also "
                         "counts the time spent making them); 0 = off")
+    g.add_argument("--fallback-hosts", default=os.environ.get("UNBROKEN_LOADTEST_FALLBACK_HOSTS", ""),
+                   help="other gateways, comma-separated: refused connections go there and broken streams "
+                        "are resumed there with Last-Event-ID")
     g.add_argument("--references-file", default=os.environ.get("UNBROKEN_LOADTEST_REFERENCES", ""),
                    help="write the reference token ids here")
 
@@ -68,6 +71,7 @@ def _config(environment: Environment) -> WorkloadConfig:
         base_url=host, max_tokens=getattr(opts, "max_tokens", 24),
         stream_fraction=getattr(opts, "stream_fraction", 0.7), api_key=getattr(opts, "api_key", ""),
         server_history=getattr(opts, "server_history", False),
+        fallback_urls=tuple(u for u in (getattr(opts, "fallback_hosts", "") or "").split(",") if u),
     )
 
 

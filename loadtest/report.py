@@ -75,6 +75,7 @@ class RunSummary:
     num_failovers: int
     num_retries: int
     num_client_retries: int
+    num_stream_resumes: int = 0  # streams continued with Last-Event-ID after a gateway was lost
     faults: list[FaultSummary] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
 
@@ -106,6 +107,7 @@ def summarize(records: list[dict[str, Any]], faults: list[dict[str, Any]], t0_s:
         num_failovers=sum(int(r.get("failovers") or 0) for r in records),
         num_retries=sum(int(r.get("retries") or 0) for r in records),
         num_client_retries=sum(int(r.get("client_retries") or 0) for r in records),
+        num_stream_resumes=sum(int(r.get("stream_resumes") or 0) for r in records),
         counters=dict(counters or {}),
     )
     for f in sorted(faults, key=lambda f: f["started_at_s"]):
@@ -244,11 +246,11 @@ def render_markdown(run: RunSummary, *, title: str, command: str = "", descripti
             "whose every turn equalled the reference.", "",
             "## Totals", "",
             "| requests | failed | requests/s | p50 steady (s) | p99 steady (s) | TTFT p99 steady (s) "
-            "| failovers | retries | client connect retries |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| failovers | retries | client connect retries | stream resumes |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {run.num_requests} | {run.num_failed} | {rps:.2f} | {_fmt_s(run.steady_p50_s, 2)} "
             f"| {_fmt_s(run.steady_p99_s, 2)} | {_fmt_s(run.steady_ttft_p99_s, 2)} | {run.num_failovers} "
-            f"| {run.num_retries} | {run.num_client_retries} |", ""]
+            f"| {run.num_retries} | {run.num_client_retries} | {run.num_stream_resumes} |", ""]
     out += ["## Failures by kind", ""]
     if run.failures_by_kind:
         out += ["| kind | requests |", "|---|---:|"]
@@ -286,7 +288,7 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], faults: lis
         "num_requests": run.num_requests, "num_failed": run.num_failed,
         "failures_by_kind": dict(run.failures_by_kind), "steady_p50_s": run.steady_p50_s,
         "steady_p99_s": run.steady_p99_s, "num_failovers": run.num_failovers, "num_retries": run.num_retries,
-        "num_client_retries": run.num_client_retries, "counters": run.counters,
+        "num_client_retries": run.num_client_retries, "num_stream_resumes": run.num_stream_resumes, "counters": run.counters,
         "faults": [f.__dict__ for f in run.faults],
     }, option=orjson.OPT_INDENT_2))
     return path, run

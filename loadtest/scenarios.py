@@ -39,7 +39,7 @@ from unbroken.config import ConfigError, Section
 log = logging.getLogger(__name__)
 
 Action = Literal["kill_replica", "stop_replica", "proxy_fault", "reset_connections", "kill_redis",
-                 "restart_gateway", "kill_kvsync", "crash_loop"]
+                 "restart_gateway", "kill_kvsync", "crash_loop", "kill_gateway"]
 
 # Faults after which the gateway must mark the target replica unhealthy (detection is timed).
 DETECTED_ACTIONS = {"kill_replica", "stop_replica", "crash_loop"}
@@ -50,7 +50,8 @@ class FaultStep(Section):
 
     action: Action = Field(description="What to do.")
     at_s: float = Field(ge=0, description="When, in seconds after the load started.")
-    target: str = Field("r0", description="Replica id (r0, r1, ...), or redis / gateway.")
+    target: str = Field("r0", description="Replica id (r0, r1, ...), or redis / gateway (gateway-1, ... with "
+                                          "several gateways).")
     duration_s: float = Field(0.0, ge=0, description="How long the fault lasts before it is healed "
                                                      "(0 = until the end of the run).")
     proxy: dict[str, Any] = Field(default_factory=dict, description="FaultSpec fields for proxy_fault "
@@ -102,6 +103,8 @@ class Scenario(Section):
     duration_s: float = Field(30.0, gt=0, description="The whole run, in seconds.")
     warmup_s: float = Field(3.0, ge=0, description="Load before the steady-state window is measured.")
     needs_fault_proxy: bool = Field(False, description="Start the stack with a proxy before each replica.")
+    num_gateways: int = Field(1, ge=1, le=16, description="Gateway processes the stack runs (shared Redis); the "
+                                                          "load's clients know all of them and reconnect across.")
     load: LoadSpec = Field(default_factory=LoadSpec)
     faults: list[FaultStep] = Field(default_factory=list)
     expect: Expectations = Field(default_factory=Expectations)
@@ -113,6 +116,8 @@ class Scenario(Section):
                 raise ValueError(f"fault {f.action} at_s={f.at_s} is not before duration_s={self.duration_s}")
             if f.action in ("proxy_fault", "reset_connections") and not self.needs_fault_proxy:
                 raise ValueError(f"{f.action} needs 'needs_fault_proxy: true'")
+            if f.action == "kill_gateway" and self.num_gateways < 2:
+                raise ValueError("kill_gateway needs 'num_gateways: 2' or more (clients move to another)")
         return self
 
     def scaled(self, duration_s: float | None) -> "Scenario":
@@ -305,6 +310,8 @@ class ScenarioRunner:
             rec = inj.kill_kvsync(step.target)
         elif step.action == "restart_gateway":
             rec = inj.restart_gateway()
+        elif step.action == "kill_gateway":
+            rec = inj.kill_gateway(step.target)
         else:  # pragma: no cover - the Literal type keeps this out
             raise ValueError(step.action)
         self.step_records.append((step, rec))

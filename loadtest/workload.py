@@ -65,6 +65,9 @@ class WorkloadConfig:
     api_key: str = ""
     server_history: bool = False
     """Sessions send only their new message with ``X-Session-History: server``."""
+    fallback_urls: tuple[str, ...] = ()
+    """Other gateways: a refused connection goes to the next, and a broken stream is resumed on the
+    next with ``Last-Event-ID`` and the same ``X-Request-ID`` (docs/protocol.md)."""
 
 
 @dataclass
@@ -88,6 +91,7 @@ class RequestRecord:
     retries: int = 0  # X-Unbroken-Retries
     failovers: int = 0  # X-Unbroken-Failovers or the last chunk's unbroken.failovers
     client_retries: int = 0  # connection refused before any byte, retried here
+    stream_resumes: int = 0  # a broken stream continued with Last-Event-ID (on another gateway)
     replica_id: str = ""
     session_id: str = ""
     turn: int = 0
@@ -139,19 +143,22 @@ class Exchange:
     t_first_token_mono: float | None = None
     t_end_mono: float = 0.0
     client_retries: int = 0
+    stream_resumes: int = 0
 
 
 def exchange(http: requests.Session, cfg: WorkloadConfig, body: dict[str, Any],
              headers: dict[str, str]) -> Exchange:
     """POST /v1/chat/completions and parse (and check the form of) the answer."""
-    url = cfg.base_url.rstrip("/") + "/v1/chat/completions"
+    urls = [u.rstrip("/") + "/v1/chat/completions" for u in (cfg.base_url, *cfg.fallback_urls)]
     hdrs = {"Content-Type": "application/json", **headers}
+    hdrs.setdefault("X-Request-ID", uuid.uuid4().hex)  # the same on every try: resumes and repeats
     if cfg.api_key:
         hdrs["Authorization"] = f"Bearer {cfg.api_key}"
     ex = Exchange(t_start_mono=time.monotonic())
     payload = orjson.dumps(body)
     stream = bool(body.get("stream"))
     for attempt in range(CONNECT_RETRIES + 1):
+        url = urls[attempt % len(urls)]
         try:
             resp = http.post(url, data=payload, headers=hdrs, stream=stream, timeout=(5.0, cfg.timeout_s))
             break
@@ -174,7 +181,13 @@ def exchange(http: requests.Session, cfg: WorkloadConfig, body: dict[str, Any],
             text = resp.text[:300]
             ex.error = ResponseCheckError(f"http_{resp.status_code}", text)
         elif stream:
-            ex.completion = _read_stream(resp, ex)
+            reader = _StreamReader(ex)
+            while not reader.read(resp) and cfg.fallback_urls and ex.stream_resumes < CONNECT_RETRIES \
+                    and reader.last_event_id is not None:
+                resp.close()
+                ex.stream_resumes += 1
+                resp = _resume(http, cfg, urls, ex.stream_resumes, payload, hdrs, reader.last_event_id)
+            ex.completion = reader.close()
         else:
             ex.completion = parse_completion(orjson.loads(resp.content))
     except ResponseCheckError as e:
@@ -188,6 +201,64 @@ def exchange(http: requests.Session, cfg: WorkloadConfig, body: dict[str, Any],
         resp.close()
         ex.t_end_mono = time.monotonic()
     return ex
+
+
+class _StreamReader:
+    """A stream's events across the responses that carry it, remembering the last whole event's id."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.parser, self.acc = SSEParser(), StreamAccumulator()
+        self.last_event_id: str | None = None
+        self._pending_id: str | None = None
+
+    def read(self, resp: requests.Response) -> bool:
+        """Read ``resp`` to its end; False when it broke (or ended) before ``[DONE]``."""
+        buf = b""
+        try:
+            for chunk in resp.iter_content(chunk_size=None):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    self._line(raw.decode("utf-8"))
+        except requests.RequestException:
+            pass
+        self.parser = SSEParser()  # a half event is dropped: it comes again after the resume
+        return self.acc.finished
+
+    def _line(self, line: str) -> None:
+        if line.startswith("id:"):
+            self._pending_id = line[3:].strip()
+        data = self.parser.feed_line(line)
+        if data is None:
+            return
+        now = time.monotonic()
+        self.last_event_id = self._pending_id
+        n_before = len(self.acc.completion.token_ids)
+        self.acc.add_event(data, now)
+        if self.ex.t_first_token_mono is None and len(self.acc.completion.token_ids) > n_before:
+            self.ex.t_first_token_mono = now
+
+    def close(self) -> Completion:
+        return self.acc.close()
+
+
+def _resume(http: requests.Session, cfg: WorkloadConfig, urls: list[str], num: int, payload: bytes,
+            hdrs: dict[str, str], last_event_id: str) -> requests.Response:
+    """The same body, with ``Last-Event-ID``, to the next gateway (and on round the list)."""
+    last_exc: Exception | None = None
+    for k in range(len(urls) * 2):
+        try:
+            resp = http.post(urls[(num + k) % len(urls)], data=payload, stream=True, timeout=(5.0, cfg.timeout_s),
+                             headers={**hdrs, "Last-Event-ID": last_event_id})
+        except requests.ConnectionError as e:
+            last_exc = e
+            time.sleep(0.05)
+            continue
+        if resp.status_code != 200:
+            raise ResponseCheckError(f"resume_{resp.status_code}", resp.text[:300])
+        return resp
+    raise requests.ConnectionError(f"no gateway took the resume: {last_exc}")
 
 
 def _read_stream(resp: requests.Response, ex: Exchange) -> Completion:
@@ -305,7 +376,7 @@ class WorkloadUser:
             itl_s=itl, num_tokens=len(c.token_ids) if c else 0,
             retries=int(ex.headers.get("x-unbroken-retries") or 0),
             failovers=max(failovers, c.failovers if c else 0), client_retries=ex.client_retries,
-            replica_id=ex.headers.get("x-replica-id", ""), session_id=session_id, turn=turn,
+            stream_resumes=ex.stream_resumes, replica_id=ex.headers.get("x-replica-id", ""), session_id=session_id, turn=turn,
             cached_tokens=c.cached_tokens if c else 0,
             request_id=ex.headers.get("x-request-id", request_id),
         )

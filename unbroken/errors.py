@@ -103,6 +103,20 @@ class NotFoundError(ClientError):
     code = "not_found"
 
 
+class StreamNotFoundError(NotFoundError):
+    """A reconnect (``Last-Event-ID``) for a stream this caller has no state for: unknown or expired."""
+
+    code = "stream_not_found"
+
+
+class ConflictError(ClientError):
+    """A repeated request (same ``X-Request-ID``) that is not the same request: another body or route,
+    or a resume point the gateway cannot continue from exactly."""
+
+    status = 409
+    code = "request_conflict"
+
+
 class AuthenticationError(ClientError):
     status = 401
     error_type = "authentication_error"
@@ -181,6 +195,8 @@ _ERROR_CLASSES: tuple[type[UnbrokenError], ...] = (
     RequestTimeoutError,
     ModelNotFoundError,
     NotFoundError,
+    StreamNotFoundError,
+    ConflictError,
     AuthenticationError,
     PermissionDeniedError,
     RateLimitError,

@@ -94,7 +94,10 @@ class KVSyncSection(Section):
 class GatewaySection(Section):
     port: int = Field(8000, ge=0, le=65535, description="Gateway port (0 = a free port).")
     config_path: str = Field("", description="Gateway YAML passed as --config (empty = defaults).")
-    workers: int = Field(1, ge=1, description="Gateway worker processes.")
+    workers: int = Field(1, ge=1, description="Worker processes of each gateway (one port, SO_REUSEPORT).")
+    count: int = Field(1, ge=1, le=16, description="Independent gateway processes sharing Redis, each its own "
+                                                   "process on its own port (port, port+1, ...; free ports when "
+                                                   "port is 0): a client lists them all (unbroken.client).")
     ready_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the gateway's /readyz.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the gateway.")
 
@@ -192,9 +195,11 @@ class Stack:
         self.redis_url = self.config.redis.url
         self.redis_port = 0
         self.replicas: list[ReplicaHandle] = []
-        self.gateway: ManagedProcess | None = None
+        self.gateway: ManagedProcess | None = None  # the first of ``gateways``
         self.gateway_port = 0
         self.supervisor: "Supervisor | None" = None
+        self.gateways: list[ManagedProcess] = []
+        self.gateway_ports: list[int] = []
         self._lock = threading.RLock()
 
     # -- properties ------------------------------------------------------------------------------
@@ -223,13 +228,18 @@ class Stack:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
+    def urls(self) -> list[str]:
+        """Every gateway's URL (``--gateways N``)."""
+        return [f"http://{LOOPBACK}:{p}" for p in self.gateway_ports] or [self.url]
+
+    @property
     def model_path(self) -> Path:
         return Path(self.config.replicas.model_path)
 
     def processes(self) -> list[ManagedProcess]:
         """Every process this stack started (alive or not)."""
-        procs: list[ManagedProcess] = []
-        if self.gateway is not None:
+        procs: list[ManagedProcess] = list(self.gateways)
+        if self.gateway is not None and self.gateway not in procs:
             procs.append(self.gateway)
         for r in self.replicas:
             procs.append(r.process)
@@ -279,7 +289,9 @@ class Stack:
         timeout_s = self.config.run.stop_timeout_s
         if self.supervisor is not None:
             self.supervisor.stop()
-        if self.gateway is not None:
+        for g in self.gateways:
+            g.stop(timeout_s)
+        if self.gateway is not None and self.gateway not in self.gateways:
             self.gateway.stop(timeout_s)
         for r in self.replicas:
             r.process.stop(timeout_s)
@@ -311,6 +323,8 @@ class Stack:
             "redis_url": redact_url(self.redis_url),
             "auth": self.secrets is not None,
             "secrets_dir": str(self.secrets_dir) if self.secrets is not None else None,
+            "gateway_urls": self.urls,
+            "gateway_pids": [g.pid if g.proc else None for g in self.gateways],
             "redis_pid": self.redis.pid if self.redis and self.redis.proc else None,
             "replicas": [
                 {"replica_id": r.replica_id, "url": r.direct_url, "gateway_url": r.url,
@@ -446,9 +460,10 @@ class Stack:
                 r.kvsync = ManagedProcess(r.kvsync.name, r.kvsync.cmd, log_path=r.kvsync.log_path,
                                           env=self._kvsync_env(), ready_url=r.kvsync.ready_url).start()
 
-    def _gateway_process(self) -> ManagedProcess:
+    def _gateway_process(self, index: int = 0) -> ManagedProcess:
         cfg = self.config.gateway
-        args = ["--port", str(self.gateway_port), "--host", LOOPBACK, "--workers", str(cfg.workers)]
+        port = self.gateway_ports[index] if self.gateway_ports else self.gateway_port
+        args = ["--port", str(port), "--host", LOOPBACK, "--workers", str(cfg.workers)]
         for r in self.replicas:
             args += ["--standby-replica" if r.standby else "--replica", r.url]
         if cfg.config_path:
@@ -467,22 +482,34 @@ class Stack:
                     hashlib.sha256(self.secrets.admin_key.encode()).hexdigest()),
                 "UNBROKEN_GATEWAY__AUTH__SESSION_SECRET": _env_str(self.secrets.session_secret),
             })
-        return ManagedProcess("gateway", python_module_cmd("gateway", *args), log_path=self._log("gateway"),
-                              env=env, ready_url=f"http://{LOOPBACK}:{self.gateway_port}/readyz")
+        name = "gateway" if index == 0 else f"gateway-{index}"
+        return ManagedProcess(name, python_module_cmd("gateway", *args), log_path=self._log(name),
+                              env=env, ready_url=f"http://{LOOPBACK}:{port}/readyz")
 
     def _start_gateway(self) -> None:
-        self.gateway_port = self.gateway_port or self.config.gateway.port or free_port()
-        self.gateway = self._gateway_process().start()
-        self.gateway.wait_ready(self.config.gateway.ready_timeout_s)
-        self.progress(f"gateway    {self.url} (pid {self.gateway.pid})")
+        base = self.gateway_port or self.config.gateway.port
+        if not self.gateway_ports:
+            self.gateway_ports = [base + i if base else free_port() for i in range(self.config.gateway.count)]
+        self.gateway_port = self.gateway_ports[0]
+        self.gateways = [self._gateway_process(i).start() for i in range(len(self.gateway_ports))]
+        self.gateway = self.gateways[0]
+        for g, url in zip(self.gateways, self.urls):
+            g.wait_ready(self.config.gateway.ready_timeout_s)
+            self.progress(f"gateway    {url} (pid {g.pid})")
 
-    def restart_gateway(self, wait: bool = True) -> None:
-        """SIGTERM the gateway (it drains), then start it again on the same port."""
-        if self.gateway is not None:
+    def restart_gateway(self, wait: bool = True, index: int = 0) -> None:
+        """SIGTERM gateway ``index`` (it drains), then start it again on the same port."""
+        if index < len(self.gateways):
+            self.gateways[index].stop(self.config.run.stop_timeout_s)
+        elif self.gateway is not None:
             self.gateway.stop(self.config.run.stop_timeout_s)
-        self.gateway = self._gateway_process().start()
+        proc = self._gateway_process(index).start()
+        if index < len(self.gateways):
+            self.gateways[index] = proc
+        if index == 0:
+            self.gateway = proc
         if wait:
-            self.gateway.wait_ready(self.config.gateway.ready_timeout_s)
+            proc.wait_ready(self.config.gateway.ready_timeout_s)
 
     def all_healthy(self) -> bool:
         ok = all(http_ok(r.direct_url + "/health") for r in self.replicas)
@@ -525,7 +552,9 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
     parser = argparse.ArgumentParser(prog="unbroken up", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="stack YAML (default: configs/stack.yaml when present)")
     parser.add_argument("--replicas", type=int, help="number of replicas")
-    parser.add_argument("--port", type=int, help="gateway port")
+    parser.add_argument("--port", type=int, help="gateway port (the first, with --gateways)")
+    parser.add_argument("--gateways", type=int, help="independent gateway processes sharing Redis, on ports "
+                                                     "port, port+1, ...")
     parser.add_argument("--model", help="checkpoint directory (the tiny model is written there if missing)")
     parser.add_argument("--fault-proxies", action="store_true", default=None,
                         help="put a fault proxy in front of each replica")
@@ -538,7 +567,7 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
     args = parser.parse_args(argv)
     try:
         config = load_stack_config(args.config, {
-            "replicas.count": args.replicas, "gateway.port": args.port,
+            "replicas.count": args.replicas, "gateway.port": args.port, "gateway.count": args.gateways,
             "replicas.model_path": args.model, "fault_proxy.enabled": args.fault_proxies,
             "replicas.standby": args.standby, "supervisor.enabled": args.supervise,
         })
@@ -563,6 +592,8 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
     except (RuntimeError, TimeoutError) as e:
         print(f"unbroken up: the stack did not come up: {e}", file=sys.stderr)
         return 1
+    if len(stack.urls) > 1:
+        print("gateways   " + " ".join(stack.urls) + "  (clients: unbroken.client.http_client(urls=[...]))")
     print(_ready_text(stack), flush=True)
     if stack.supervisor is not None and args.supervisor_metrics_port:
         from prometheus_client import start_http_server

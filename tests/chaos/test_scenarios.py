@@ -15,7 +15,8 @@ from loadtest.scenarios import load_scenario
 from unbroken.launcher import Stack
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "configs" / "scenarios"
-SHORT = ["kill_replica", "hang_replica", "slow_network", "blackhole_replica", "redis_loss", "gateway_restart"]
+SHORT = ["kill_replica", "hang_replica", "slow_network", "blackhole_replica", "redis_loss", "gateway_restart",
+         "kill_gateway"]
 
 
 @pytest.mark.parametrize("name", SHORT)
@@ -29,6 +30,8 @@ def test_scenario_loses_nothing(name: str, chaos_stack: Stack, tmp_path: Path) -
     # The checks had something to check: sessions ran through the faults, streams were timed.
     assert any(f.contexts_total > 0 for f in result.summary.faults), report
     assert result.summary.steady_ttft_p99_s is not None, report
+    if any(f.action == "kill_gateway" for f in scenario.faults):  # streams were cut and resumed
+        assert result.summary.num_stream_resumes > 0, report
     for f in result.faults:
         if f["detected_expected"]:
             assert f["detection_s"] is not None and f["detection_s"] <= scenario.expect.max_detection_s + 0.1
