@@ -72,14 +72,20 @@ def chat(stack: Stack, messages: list[dict[str, str]], session_id: str, max_toke
     return raw.headers["X-Replica-ID"], r.choices[0].model_extra["token_ids"], r.choices[0].message.content, cached
 
 
+def sidecar_token(stack: Stack) -> str:
+    """The sidecars' bearer token (the stack makes one when its auth is on)."""
+    return stack.secrets.sidecar_token if stack.secrets is not None else ""
+
+
 def wait_for_manifest(stack: Stack, replica_id: str, before: float, timeout_s: float = 30.0) -> None:
     """Until the replica's sidecar has written a manifest after ``before`` and has nothing pending."""
     url = sidecar_url(stack, replica_id)
     deadline = time.monotonic() + timeout_s
-    while metric_value(url, "unbroken_kvsync_manifests_written_total") <= before:
+    token = sidecar_token(stack)
+    while metric_value(url, "unbroken_kvsync_manifests_written_total", token=token) <= before:
         assert time.monotonic() < deadline, f"sidecar of {replica_id} wrote no manifest"
         time.sleep(0.05)
-    wait_replicated(url, timeout_s=timeout_s)
+    wait_replicated(url, timeout_s=timeout_s, token=token)
 
 
 def kill_replica(stack: Stack, replica_id: str) -> None:
@@ -138,7 +144,8 @@ def test_next_turn_after_kill_9_is_restored_from_kvsync(healthy: Stack, referenc
             assert cached > 0, "the second turn on the same replica reused no KV"
         history.append({"role": "assistant", "content": content})
     assert replica_a is not None
-    before = metric_value(sidecar_url(healthy, replica_a), "unbroken_kvsync_manifests_written_total")
+    before = metric_value(sidecar_url(healthy, replica_a), "unbroken_kvsync_manifests_written_total",
+                          token=sidecar_token(healthy))
     history.append({"role": "user", "content": "Now summarise what we said."})
     # One more turn on A, so the snapshot taken at its end is the newest; then A is killed.
     rep, ids, content, _ = chat(healthy, history[-1:] if server_history else history, session,
@@ -160,7 +167,7 @@ def test_next_turn_after_kill_9_is_restored_from_kvsync(healthy: Stack, referenc
     # back by a client, may tokenize differently from the ids the model generated).
     assert cached >= len(chat_ids(tok, history[:-2])), (cached, len(context))
     restored = metric_value(healthy.replica(rep_b).direct_url, "unbroken_replica_kv_restores_total",
-                            {"outcome": "restored"})
+                            {"outcome": "restored"}, token=healthy.replica_token)
     assert restored >= 1
 
 
@@ -170,12 +177,13 @@ def test_every_metrics_endpoint_passes_promtool(healthy: Stack, promtool: str) -
     import urllib.request
 
     chat(healthy, [{"role": "user", "content": "Count me."}], "conv-metrics")
-    urls = {"gateway": healthy.url}
+    urls = {"gateway": (healthy.url, "")}
     for r in healthy.replicas:
-        urls[r.replica_id] = r.direct_url
-        urls[f"kvsync-{r.replica_id}"] = sidecar_url(healthy, r.replica_id)
-    for name, url in urls.items():
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        urls[r.replica_id] = (r.direct_url, healthy.replica_token)
+        urls[f"kvsync-{r.replica_id}"] = (sidecar_url(healthy, r.replica_id), sidecar_token(healthy))
+    for name, (url, token) in urls.items():
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=10) as resp:
             text = resp.read()
         assert b"unbroken_" in text, name
         check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
