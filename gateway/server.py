@@ -521,10 +521,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     if not gw.config.metrics.enabled:
         raise NotFoundError("metrics are disabled")
+    gw.auth.check_admin(request.headers.get("Authorization"))  # its labels name the API keys
     return web.Response(body=gw.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
+    request.app[GATEWAY_KEY].auth.authenticate(request.headers.get("Authorization"))
     return json_response(openapi_spec())
 
 

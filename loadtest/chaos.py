@@ -115,10 +115,10 @@ def scrape_counters(url: str, timeout_s: float = 2.0, token: str = "") -> dict[s
 
 
 def stack_counters(stack: Stack) -> dict[str, float]:
-    counters = {f"gateway {k}": v for k, v in scrape_counters(stack.url).items()}
+    counters = {f"gateway {k}": v for k, v in scrape_counters(stack.url, token=stack.admin_key).items()}
     for r in stack.replicas:
         if r.process.alive():
-            scraped = scrape_counters(r.direct_url, token=stack.config.replicas.shared_token)
+            scraped = scrape_counters(r.direct_url, token=stack.replica_token)
             counters.update({f"{r.replica_id} {k}": v for k, v in scraped.items()})
     return counters
 

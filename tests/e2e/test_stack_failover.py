@@ -177,7 +177,7 @@ def test_every_metrics_endpoint_passes_promtool(healthy: Stack, promtool: str) -
     import urllib.request
 
     chat(healthy, [{"role": "user", "content": "Count me."}], "conv-metrics")
-    urls = {"gateway": (healthy.url, "")}
+    urls = {"gateway": (healthy.url, healthy.admin_key)}
     for r in healthy.replicas:
         urls[r.replica_id] = (r.direct_url, healthy.replica_token)
         urls[f"kvsync-{r.replica_id}"] = (sidecar_url(healthy, r.replica_id), sidecar_token(healthy))
@@ -188,7 +188,8 @@ def test_every_metrics_endpoint_passes_promtool(healthy: Stack, promtool: str) -
         assert b"unbroken_" in text, name
         check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
         assert check.returncode == 0, f"{name}: {check.stdout.decode()}{check.stderr.decode()}"
-    with urllib.request.urlopen(healthy.url + "/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(urllib.request.Request(healthy.url + "/metrics",
+                                                       headers=healthy.auth_headers(admin=True)), timeout=10) as resp:
         gateway_text = resp.read().decode()
     assert 'route="/v1/chat/completions",status="200"}' in gateway_text
 

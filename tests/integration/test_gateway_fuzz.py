@@ -113,7 +113,7 @@ def assert_nobody_blamed(gw: RunningGateway) -> None:
     assert r.status_code == 200
     for rep in r.json()["replicas"]:
         assert rep["state"] == "healthy" and rep["breaker"] == "closed", rep
-    text = http.get(gw.url + "/metrics", timeout=10).text
+    text = http.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).text
     for line in text.splitlines():
         if line.startswith("unbroken_gateway_upstream_attempts_total{"):
             assert 'outcome="ok"' in line or 'outcome="client_error"' in line or line.endswith(" 0.0"), line
@@ -148,7 +148,10 @@ def test_fuzz_gateway_edge_long(gateway: tuple[RunningGateway, list[MockReplica]
 def test_after_fuzzing_nobody_is_blamed_and_the_gateway_serves(
         gateway: tuple[RunningGateway, list[MockReplica]]) -> None:
     gw, _ = gateway
-    spec = http.get(gw.url + "/openapi.json", timeout=10).json()
+    assert http.get(gw.url + "/openapi.json", timeout=10).status_code == 401
+    assert http.get(gw.url + "/metrics", timeout=10).status_code == 401  # its labels name the keys
+    assert http.get(gw.url + "/metrics", headers={"Authorization": "Bearer sk-fuzz"}, timeout=10).status_code == 403
+    spec = http.get(gw.url + "/openapi.json", headers={"Authorization": "Bearer sk-fuzz"}, timeout=10).json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(spec["paths"])
     assert_nobody_blamed(gw)
     r = http.post(gw.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-fuzz"}, timeout=10,
