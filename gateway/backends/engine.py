@@ -129,7 +129,7 @@ class EngineProbe:
             quantization="", dtype="", device="", status=status,
             queue_length=num_running + num_waiting, num_running=num_running, num_waiting=num_waiting,
             kv_bytes_used=used, kv_bytes_free=free, kv_bytes_per_token=0, device_memory_free_bytes=0,
-            tokens_per_s=0.0, sessions=[], max_model_len=self.max_model_len, started_at_s=self.started_at_s,
+            tokens_per_s=0.0, num_sessions=0, max_model_len=self.max_model_len, started_at_s=self.started_at_s,
         )
 
     def served_models(self) -> list[str]:

@@ -63,7 +63,7 @@ def kill_gateway(stack: Stack, index: int) -> None:
 def test_kill_9_the_gateway_mid_stream_sdk_gets_the_exact_greedy_text(healthy: Stack, reference) -> None:
     tok, generate = reference
     urls = [u + "/v1" for u in healthy.urls]
-    client = openai.OpenAI(base_url=urls[0], api_key="none", max_retries=0, timeout=120,
+    client = openai.OpenAI(base_url=urls[0], api_key=healthy.api_key, max_retries=0, timeout=120,
                            http_client=unbroken.client.http_client(urls=urls))
     raw = client.chat.completions.with_raw_response.create(model="qwen", messages=MESSAGES, max_tokens=MAX_TOKENS,
                                                            temperature=0, stream=True)
@@ -119,7 +119,7 @@ def test_raw_post_with_last_event_id_continues_exactly(healthy: Stack, reference
     expected = generate(chat_ids(tok, MESSAGES), MAX_TOKENS)
     body = {"model": "qwen", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     rid = "raw-" + os.urandom(6).hex()
-    headers = {"X-Request-ID": rid}
+    headers = {"X-Request-ID": rid, **healthy.auth_headers()}
     got = ""
     with httpx2.Client(timeout=120) as http:
         with http.stream("POST", healthy.urls[0] + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -152,7 +152,8 @@ def test_unknown_last_event_id_gets_a_4xx(healthy: Stack) -> None:
     body = {"model": "qwen", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
     with httpx2.Client(timeout=30) as http:
         r = http.post(healthy.urls[1] + "/v1/chat/completions", json=body,
-                      headers={"X-Request-ID": "never-seen", "Last-Event-ID": "never-seen:12"})
+                      headers={"X-Request-ID": "never-seen", "Last-Event-ID": "never-seen:12",
+                               **healthy.auth_headers()})
     assert r.status_code == 404
     err = r.json()["error"]
     assert err["code"] == "stream_not_found" and err["type"] == "invalid_request_error" and err["message"]

@@ -233,10 +233,13 @@ def test_export_import_round_trip_continues_exactly(loaded, tiny_model_dir):
 
 
 def test_session_bookkeeping_keyed_by_clients_is_bounded(loaded, tiny_model_dir):
-    engine = _engine(loaded, tiny_model_dir, max_kept_sessions=2, max_num_seqs=2)
+    cfg = _config(tiny_model_dir, max_kept_sessions=2, max_num_seqs=2)
+    cfg = cfg.model_copy(update={"kvsync": cfg.kvsync.model_copy(update={"enabled": True})})
+    engine = LLMEngine(cfg, loaded, kvsync=_FakeKVSync())
     requests = [GenerationRequest(f"r{i}", _ids(loaded, "a"), _greedy(1), session_id=f"s{i}") for i in range(12)]
     _run(engine, requests, arrive_every_steps=0)
     assert len(engine.scheduler.sessions) <= 2
+    assert engine.replicator is not None and engine.replicator.published_tokens  # it did record sessions
     assert len(engine.replicator.published_tokens) <= 2 + 2  # kept sessions + running rows, never one per client id
 
 
@@ -390,7 +393,7 @@ class _FakeKVSync:
         self.published.append(snapshot)
         return True
 
-    async def fetch(self, session_id, identity, timeout_s):
+    async def fetch(self, session_id, identity, timeout_s, max_tokens=0):
         from types import SimpleNamespace
 
         self.fetches += 1
