@@ -404,7 +404,7 @@ class Relay:
             assert self.session is not None
             try:
                 async with _watched(rep, self.config.replicas.nonstream_timeout_s):
-                    async with self.session.post(rep.url + url_path, data=payload, headers=ctx.forward_headers,
+                    async with self.session.post(rep.url + url_path, data=payload, headers=_headers_for(rep, ctx),
                                                  timeout=self._nonstream_timeout) as resp:
                         body = await resp.read()
                         status = resp.status
@@ -458,7 +458,7 @@ class Relay:
         rc = self.config.replicas
         try:
             async with _watched(rep, min(rc.first_byte_timeout_s, max(0.001, ctx.deadline_s - time.monotonic()))):
-                resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=ctx.forward_headers,
+                resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=_headers_for(rep, ctx),
                                                timeout=self._stream_timeout)
                 lease.attach(resp)
                 if resp.status == 429:
@@ -697,6 +697,17 @@ class Relay:
         if time.monotonic() >= ctx.deadline_s:
             return "deadline"
         return None
+
+
+# Headers only the project's replicas read. Other engines get none of them: llama-cpp-python, for
+# one, answers 400 to an X-Request-ID that is not a UUID (its request-id middleware validates it).
+_UNBROKEN_ONLY_HEADERS = frozenset({"X-Request-ID", "X-Session-ID", "X-Session-History", "X-Priority"})
+
+
+def _headers_for(rep: Replica, ctx: RequestContext) -> dict[str, str]:
+    if rep.kind == "unbroken":
+        return ctx.forward_headers
+    return {k: v for k, v in ctx.forward_headers.items() if k not in _UNBROKEN_ONLY_HEADERS}
 
 
 def _close_result(res: Any) -> None:

@@ -25,8 +25,13 @@ _PROJECT_DEFAULTS = {"top_k": 0, "min_tokens": 0, "ignore_eos": False}
 
 
 def for_engine(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` for another engine's OpenAI server: the project's neutral defaults left out."""
-    return {k: v for k, v in body.items() if not (k in _PROJECT_DEFAULTS and v == _PROJECT_DEFAULTS[k])}
+    """``body`` for another engine's OpenAI server: the project's neutral defaults left out, and the
+    length limit as ``max_tokens``, the name every engine reads (llama-cpp-python 0.3 ignores
+    ``max_completion_tokens`` and would generate to the end of its context)."""
+    out = {k: v for k, v in body.items() if not (k in _PROJECT_DEFAULTS and v == _PROJECT_DEFAULTS[k])}
+    if "max_completion_tokens" in out:
+        out["max_tokens"] = out.pop("max_completion_tokens")
+    return out
 
 
 def resume_body(body: dict[str, Any], route: str, mode: str, *, sent_ids: list[int], sent_text: str,

@@ -396,7 +396,8 @@ async def _serve(gw: Gateway, request: web.Request, req: ClientRequest, request_
             gw.metrics.degradations.labels(tier).inc()
         if admission.tiers:
             out_headers["X-Unbroken-Degraded"] = ",".join(admission.tiers)
-        fwd = {"X-Request-ID": request_id}
+        # JSON bodies: engines behind FastAPI (vLLM, SGLang, llama-cpp-python) refuse any other type.
+        fwd = {"X-Request-ID": request_id, "Content-Type": "application/json"}
         for h in _FORWARDED_HEADERS:
             v = request.headers.get(h)
             if v is not None:

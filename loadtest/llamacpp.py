@@ -143,7 +143,7 @@ class LlamaCppServer:
     def start(self, timeout_s: float = 120.0, log_path: str | Path | None = None) -> "LlamaCppServer":
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf_path), "--model_alias",
                self.model_alias, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-               "--n_threads", "1", "--chat_format", "chatml"]
+               "--n_threads", "1"]  # chat: the GGUF's own template (write_gguf embeds the model's)
         out = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
         deadline = time.monotonic() + timeout_s

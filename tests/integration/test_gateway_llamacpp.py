@@ -99,7 +99,8 @@ def test_gateway_serves_llamacpp_with_the_models_own_tokens(servers: list[LlamaC
         assert out.model == "qwen"
         chat = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "Hello"}],
                                               max_tokens=8, temperature=0)
-        ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+        ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
         assert chat.usage.prompt_tokens == len(ids)
         want_chat = tok.decode(reference(list(ids), 8), skip_special_tokens=True)
         assert chat.choices[0].message.content == want_chat
