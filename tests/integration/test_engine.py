@@ -387,7 +387,7 @@ class _FakeKVSync:
         self.published.append(snapshot)
         return True
 
-    async def fetch(self, session_id, identity, timeout_s):
+    async def fetch(self, session_id, identity, timeout_s, max_tokens=0):
         from types import SimpleNamespace
 
         self.fetches += 1
