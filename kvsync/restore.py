@@ -23,7 +23,7 @@ import torch
 from kvsync.blocks import BadData, assemble, check_manifest_sizes
 from kvsync.handoff import UNCLAIMED_TTL_S, HandoffFile
 from kvsync.metrics import KVSyncMetrics
-from kvsync.protocol import DTYPES, Manifest, ManifestForged, encode_snapshot_parts, snapshot_head
+from kvsync.protocol import DTYPES, MAX_HEADER_BYTES, Manifest, ManifestForged, encode_snapshot_parts, snapshot_head
 from kvsync.store import KVStore
 from kvsync.writer import REDIS_FAILURES
 from unbroken.contract.kv import KVIdentity, KVSnapshot
@@ -81,6 +81,9 @@ async def _restore(store: KVStore, metrics: KVSyncMetrics, session_id: str,
     raw = await store.read_manifest(session_id)
     if raw is None:
         return RestoreResult("missing", message="no snapshot of this session")
+    if len(raw) > MAX_HEADER_BYTES:
+        metrics.bad_data.labels("too_large").inc()
+        return RestoreResult("corrupt", message=f"a manifest of {len(raw)} bytes is not parsed")
     try:
         manifest = Manifest.from_json(raw, store.mac_secret)
         if manifest.session_id != session_id:

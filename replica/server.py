@@ -627,9 +627,12 @@ async def handle_kv_import(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     if request.content_length is not None and request.content_length > MAX_KV_BODY_BYTES:
         raise PayloadTooLargeError(f"KV snapshot of {request.content_length} bytes exceeds {MAX_KV_BODY_BYTES}")
-    data = await request.content.read(MAX_KV_BODY_BYTES + 1)
-    if len(data) > MAX_KV_BODY_BYTES:
-        raise PayloadTooLargeError(f"KV snapshot exceeds {MAX_KV_BODY_BYTES} bytes")
+    # The whole body, in chunks as it arrives (one read() returns only what is buffered).
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 20):
+        if len(data) + len(chunk) > MAX_KV_BODY_BYTES:
+            raise PayloadTooLargeError(f"KV snapshot exceeds {MAX_KV_BODY_BYTES} bytes")
+        data += chunk
     try:
         snapshot = await asyncio.get_running_loop().run_in_executor(None, decode_snapshot, data)
     except ValueError as e:
