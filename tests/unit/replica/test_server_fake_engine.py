@@ -516,11 +516,14 @@ async def test_kv_export_import(tokenizer):
 async def test_registry_announce_and_remove(tokenizer, redis_url):
     import redis.asyncio as aioredis
 
+    from unbroken.procs import free_port
+
     engine = FakeEngine(tokenizer)
+    port = free_port()
     r = aioredis.from_url(redis_url)
     try:
         async with serving(engine, registry={"redis_url": redis_url, "ttl_s": 0.6},
-                           server={"port": 9123}) as (url, rt):
+                           server={"port": port}) as (url, rt):
             deadline = time.monotonic() + 5
             value = None
             while value is None and time.monotonic() < deadline:
@@ -528,7 +531,7 @@ async def test_registry_announce_and_remove(tokenizer, redis_url):
                 await asyncio.sleep(0.05)
             entry = orjson.loads(value)
             assert entry["replica_id"] == "r-test" and entry["model"] == "qwen"
-            assert entry["adapters"] == ["support"] and entry["url"] == "http://127.0.0.1:9123"
+            assert entry["adapters"] == ["support"] and entry["url"] == f"http://127.0.0.1:{port}"
             assert 0 < await r.pttl("unbroken:replica:r-test") <= 600
             await asyncio.sleep(0.9)  # beyond the ttl: still there because it is renewed
             assert await r.exists("unbroken:replica:r-test")
