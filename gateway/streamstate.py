@@ -157,6 +157,7 @@ class StreamStateStore:
         self._queue: asyncio.Queue[StreamRecord] = asyncio.Queue(maxsize=config.state_queue_max)  # ended
         self._dirty_closed: list[StreamRecord] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def key(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
@@ -240,22 +241,23 @@ class StreamStateStore:
 
     def start(self) -> None:
         if self.redis is not None and self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="stream-state-writer")
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag as well as the cancel: on Python 3.11.2 a cancel that lands as the queue
+            # wait's timeout expires can come out as TimeoutError, and the loop would go on.
+            self._stopping = True
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task}, timeout=5.0)
             self._task = None
 
     async def _run(self) -> None:
         interval_s = self.config.state_write_interval_ms / 1000.0
-        while True:
+        while not self._stopping:
             deadline = time.monotonic() + interval_s
-            while True:  # take commands until the next write is due
+            while not self._stopping:  # take commands until the next write is due
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                         cmd = await self._queue.get()
