@@ -24,6 +24,7 @@ import orjson
 from gateway.backends import BackendProbe, ProbeError, make_probe
 from gateway.config import HealthSection
 from gateway.replicaset import Replica, ReplicaSet, ReplicaState
+from unbroken.aio import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await stop_tasks(tasks, what="heartbeat probes")
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway.replicaset import ReplicaSet, ReplicaSource
+from unbroken.aio import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,8 @@ class RegistryDiscovery:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            await stop_tasks([self._task], what="registry discovery")
+            self._task = None
 
     async def _run(self) -> None:
         while True:

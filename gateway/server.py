@@ -37,6 +37,7 @@ from gateway.retry import AttemptError, RetryBudget, RetryExecutor
 from gateway.sessions import RedisSessionSync, SessionPlacements
 from gateway.stream_rewrite import EventId, ResumePoint
 from gateway.streamstate import StreamRecord, StreamStateStore, body_sha256, check_request_id
+from unbroken.aio import stop_tasks
 from unbroken.contract import headers as hdr
 from unbroken.errors import (
     ClientError,
@@ -164,8 +165,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for t in tasks:
-            t.cancel()
+        await stop_tasks(tasks, what="rate-limit sync")
         if gw.discovery is not None:
             await gw.discovery.stop()
         if gw.session_sync is not None:

@@ -13,6 +13,8 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from unbroken.aio import stop_tasks
+
 log = logging.getLogger(__name__)
 
 
@@ -66,13 +68,8 @@ class RedisSessionSync:
             log.warning("could not load session placements from Redis: %s", e)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await stop_tasks(self._tasks, what="session placement sync")
+        self._tasks = []
         self.placements._pending = None
 
     async def _load_all(self) -> None:

@@ -39,6 +39,7 @@ import orjson
 
 from gateway.config import StreamsSection
 from gateway.metrics import GatewayMetrics
+from unbroken.aio import stop_tasks
 from unbroken.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,7 @@ class StreamStateStore:
             # The flag as well as the cancel: on Python 3.11.2 a cancel that lands as the queue
             # wait's timeout expires can come out as TimeoutError, and the loop would go on.
             self._stopping = True
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5.0)
+            await stop_tasks([self._task], what="stream-state writer")
             self._task = None
 
     async def _run(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,25 @@ def _install_uvloop() -> None:
         pass
 
 
+# Past the streams' grace (server.shutdown_timeout_s), how long the teardown may take (stopping
+# background tasks, closing Redis) before the worker exits anyway: a gateway asked to stop stops.
+_TEARDOWN_GRACE_S = 10.0
+
+
+def _exit_watchdog(limit_s: float):  # type: ignore[no-untyped-def]
+    async def arm(_app: web.Application) -> None:
+        def expire() -> None:
+            logging.getLogger("gateway").error("shutdown did not finish within %.0f s: exiting now", limit_s)
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(limit_s, expire)
+        timer.daemon = True
+        timer.start()
+
+    return arm
+
+
 def run_worker(config_data: dict[str, Any], num_workers: int, index: int) -> None:
     """One worker process: build the app and serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"),
@@ -29,6 +49,7 @@ def run_worker(config_data: dict[str, Any], num_workers: int, index: int) -> Non
 
     config = GatewayConfig.model_validate(config_data)
     app = build_app(config, num_workers=num_workers)
+    app.on_shutdown.append(_exit_watchdog(config.server.shutdown_timeout_s + _TEARDOWN_GRACE_S))
     web.run_app(app, host=config.server.host, port=config.server.port, reuse_port=num_workers > 1,
                 access_log=None, print=None, shutdown_timeout=config.server.shutdown_timeout_s,
                 handle_signals=True)

@@ -33,6 +33,7 @@ from kvsync.config import KVSyncConfig
 from kvsync.metrics import KVSyncMetrics
 from kvsync.protocol import BlockRef, Manifest, PublishReply, decode_snapshot
 from kvsync.store import KVStore
+from unbroken.aio import stop_tasks
 from unbroken.contract.kv import KVIdentity, KVSnapshot
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,7 @@ class ReplicationWriter:
             await asyncio.sleep(0.02)
         self._stopping = True
         self._wake.set()
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await stop_tasks([self._task], what="kvsync writer")
         self._task = None
 
     @property

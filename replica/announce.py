@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import orjson
 
+from unbroken.aio import stop_tasks
 from unbroken.credentials import redact_url
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,7 @@ class RegistryAnnouncer:
     async def stop(self) -> None:
         """Stop renewing and delete the key (best effort), then close the client."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks([self._task], what="registry announcer")
             self._task = None
         if self._client is None:
             return
