@@ -158,7 +158,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         gw.session_sync = RedisSessionSync(gw.placements, gw.redis, cfg.redis.key_prefix, cfg.redis.session_ttl_s,
                                            cfg.redis.op_timeout_s)
         await gw.session_sync.start()
-        gw.streams.attach_redis(gw.redis)
+        gw.streams.attach_redis(gw.redis, cfg.redis.url)
         gw.streams.start()
         gw.answers.redis = gw.redis
         tasks.append(asyncio.create_task(run_rate_limit_sync(gw.limiter, gw.redis, cfg.redis.key_prefix, 0.25)))

@@ -5,11 +5,11 @@ gateway needs to continue it: the request id, the route, the API key that owns i
 client's body, the body as forwarded to replicas, the stream's ``id``/``created``/``model``, and the
 token ids that reached the client (the relay's own list, shared: nothing is copied per token).
 
-One owner task writes the state to Redis every ``state_write_interval_ms`` for the streams whose
-token count changed (and that have run for one interval: a stream that ends sooner costs Redis
-nothing), in one pipeline, with a TTL; the relay registers a stream in the running table (read by
-the owner task) and sends an unfinished stream's end (the client left) as a command on a bounded
-queue, for a last write. The relay never waits on Redis: a full queue drops the command (counted), a failed
+One owner task writes the state to Redis, in pipelines, with a TTL: a stream as it opens (when the
+first replica's first event is in hand, before anything reaches the client: a gateway killed a few
+milliseconds into a stream leaves it resumable), an unfinished stream's end (the client left), and
+every ``state_write_interval_ms`` the streams whose token count changed. The relay puts opened and
+ended streams on a bounded queue and registers running ones in a table the owner task reads. The relay never waits on Redis: a full queue drops the command (counted), a failed
 write is counted and the stream stays resumable within this gateway (the local copy). What is read
 back from Redis is untrusted: sizes are bounded before anything is allocated and every field's type
 is checked.
@@ -39,6 +39,7 @@ import orjson
 
 from gateway.config import StreamsSection
 from gateway.metrics import GatewayMetrics
+from gateway.rediswire import RedisSetWriter
 from unbroken.aio import stop_tasks
 from unbroken.errors import InvalidRequestError
 
@@ -82,6 +83,7 @@ class StreamRecord:
     ended_s: float = 0.0  # monotonic time the local relay ended (0 = running here)
     opened_s: float = 0.0  # monotonic time the local relay began
     num_written: int = -1  # tokens in the last write to Redis (-1: the body not written yet)
+    written_s: float = 0.0  # monotonic time of the last write to Redis
     body_json: bytes = b""  # the body serialized once, at the first write
 
     def meta_json(self) -> bytes:
@@ -155,10 +157,11 @@ class StreamStateStore:
         self.body_extra_ttl_s = body_extra_ttl_s  # the body (written once) outlives the state by a stream's life
         self._running: dict[str, StreamRecord] = {}  # streams this gateway relays now
         self._ended: OrderedDict[str, StreamRecord] = OrderedDict()  # recently ended here (bounded)
-        self._queue: asyncio.Queue[StreamRecord] = asyncio.Queue(maxsize=config.state_queue_max)  # ended
-        self._dirty_closed: list[StreamRecord] = []
+        self._queue: asyncio.Queue[StreamRecord] = asyncio.Queue(maxsize=config.state_queue_max)  # to write now
+        self._dirty: list[StreamRecord] = []  # taken from the queue, to write now
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._wire: RedisSetWriter | None = None
 
     def key(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
@@ -174,6 +177,15 @@ class StreamStateStore:
         record.opened_s = time.monotonic()
         self._running[record.request_id] = record
         self._ended.pop(record.request_id, None)
+        if self.redis is None:
+            return
+        # Written at once, not at the next tick: a gateway killed a few milliseconds after a stream's
+        # first event must leave enough behind for another to continue it (a full queue leaves the
+        # record to the next tick).
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            pass
 
     def close(self, record: StreamRecord, finished: bool) -> None:
         """The local relay of ``record`` ended (``finished``: its last chunk reached the client)."""
@@ -237,8 +249,11 @@ class StreamStateStore:
 
     # -- the owner task ------------------------------------------------------------------------------
 
-    def attach_redis(self, redis: Any) -> None:
+    def attach_redis(self, redis: Any, url: str) -> None:
+        """``redis`` (redis-py) reads the state back; the writes go through their own connection to
+        ``url`` (:class:`RedisSetWriter`: a fifth of redis-py's CPU per write)."""
         self.redis = redis
+        self._wire = RedisSetWriter(url, self.op_timeout_s)
 
     def start(self) -> None:
         if self.redis is not None and self._task is None:
@@ -252,36 +267,53 @@ class StreamStateStore:
             self._stopping = True
             await stop_tasks([self._task], what="stream-state writer")
             self._task = None
+        if self._wire is not None:
+            await self._wire.aclose()
 
     async def _run(self) -> None:
         interval_s = self.config.state_write_interval_ms / 1000.0
+        next_tick = time.monotonic() + interval_s
         while not self._stopping:
-            deadline = time.monotonic() + interval_s
-            while not self._stopping:  # take commands until the next write is due
-                try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        cmd = await self._queue.get()
-                except TimeoutError:
-                    break
-                self._dirty_closed.append(cmd)
+            # A queued stream (opened, or left by its client) is written at once, with whatever else
+            # is queued by then; the streams that grew are written every interval.
+            tick = False
             try:
-                await self._write()
+                async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
+                    self._dirty.append(await self._queue.get())
+                while not self._queue.empty():
+                    self._dirty.append(self._queue.get_nowait())
+            except TimeoutError:
+                tick = True
+                next_tick = time.monotonic() + interval_s
+            try:
+                await self._write(grown=tick)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - counted; the streams stay resumable here
                 log.debug("stream state write failed: %s", e)
 
-    async def _write(self) -> None:
-        """One pipeline: streams new or grown since the last write, and those that ended."""
+    async def _write(self, grown: bool = True) -> None:
+        """One pipeline: the queued streams (opened, or ended unfinished) and, with ``grown``, the
+        running streams whose token count changed since their last write."""
         ttl_ms = self.config.state_ttl_s * 1000
         body_ttl_ms = ttl_ms + int(self.body_extra_ttl_s * 1000)
-        young = time.monotonic() - self.config.state_write_interval_ms / 1000.0
-        todo = [r for r in self._running.values() if r.num_written != len(r.token_ids) and r.opened_s <= young]
-        todo += self._dirty_closed
-        self._dirty_closed = []
+        # an opened stream that finished before its first write needs none (see close())
+        todo: list[StreamRecord] = []
+        queued: set[int] = set()
+        for r in self._dirty:
+            if id(r) not in queued and not (r.finished and r.num_written < 0):
+                queued.add(id(r))
+                todo.append(r)
+        self._dirty = []
+        now = time.monotonic()
+        if grown:
+            # a stream written (as it opened) less than half an interval ago waits for the next tick
+            recent = now - self.config.state_write_interval_ms / 2000.0
+            todo += [r for r in self._running.values()
+                     if r.num_written != len(r.token_ids) and r.written_s <= recent and id(r) not in queued]
         if not todo:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        items: list[tuple[bytes, bytes, int]] = []
         counts: list[tuple[StreamRecord, int]] = []
         for rec in todo:
             n = len(rec.token_ids)
@@ -289,12 +321,13 @@ class StreamStateStore:
                 rec.body_json = orjson.dumps(rec.body)
             inline = rec.body_json if len(rec.body_json) <= INLINE_BODY_MAX_BYTES else b""
             if not inline and rec.num_written < 0:
-                pipe.set(self.body_key(rec.request_id), rec.body_json, px=body_ttl_ms)
-            pipe.set(self.key(rec.request_id), rec.state_blob(n, inline), px=ttl_ms)
+                items.append((self.body_key(rec.request_id).encode(), rec.body_json, body_ttl_ms))
+            items.append((self.key(rec.request_id).encode(), rec.state_blob(n, inline), ttl_ms))
             counts.append((rec, n))
         try:
+            assert self._wire is not None
             async with asyncio.timeout(self.op_timeout_s):
-                await pipe.execute()
+                await self._wire.set_many(items)
         except Exception:
             self.metrics.stream_state_writes.labels("error").inc(len(counts))
             for rec, _ in counts:  # written again whole at the next tick
@@ -302,8 +335,8 @@ class StreamStateStore:
             ended = [r for r, _ in counts if r.ended_s][-self.config.state_queue_max:]
             self.metrics.stream_state_writes.labels("dropped").inc(
                 sum(1 for r, _ in counts if r.ended_s) - len(ended))
-            self._dirty_closed = ended
+            self._dirty = ended
             raise
         for rec, n in counts:
-            rec.num_written = n
+            rec.num_written, rec.written_s = n, now
         self.metrics.stream_state_writes.labels("ok").inc(len(counts))

@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError, RedisError
 from kvsync.blocks import BadData, Block
 from kvsync.config import RedisSection, StoreSection
 from kvsync.protocol import Manifest
+from unbroken.resp import encode_command, setup_commands
 
 # Blocks outlive their manifest by this much, so a manifest read just before it expires does not
 # find its blocks already gone.
@@ -291,24 +292,13 @@ def _iter_get(url: urllib.parse.SplitResult, keys: Sequence[str], connect_timeou
     one: a restore then touches a few blocks' worth of fresh memory, not the whole session's.
     Closing the iterator early closes the connection."""
 
-    def command(*args: str | bytes) -> bytes:
-        parts = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            b = a.encode() if isinstance(a, str) else a
-            parts += [f"${len(b)}\r\n".encode(), b, b"\r\n"]
-        return b"".join(parts)
-
-    db = (url.path or "/0").lstrip("/") or "0"
-    setup = []
-    if url.password is not None:
-        # As redis-py does: the URL's user and password are percent-encoded.
-        user = urllib.parse.unquote(url.username) if url.username else None
-        setup.append(command("AUTH", *([user] if user else []), urllib.parse.unquote(url.password)))
-    if db != "0":
-        setup.append(command("SELECT", db))
+    # As redis-py does: the URL's user and password are percent-encoded.
+    setup = setup_commands(urllib.parse.unquote(url.username) if url.username else None,
+                           urllib.parse.unquote(url.password) if url.password is not None else None,
+                           (url.path or "/0").lstrip("/") or "0")
     with socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), timeout=connect_timeout_s) as sock:
         sock.settimeout(socket_timeout_s)
-        sock.sendall(b"".join(setup + [command("GET", k) for k in keys]))
+        sock.sendall(b"".join(setup + [encode_command("GET", k) for k in keys]))
         with sock.makefile("rb") as f:
             for _ in setup:
                 line = f.readline()

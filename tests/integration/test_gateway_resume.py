@@ -14,8 +14,9 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from gateway.config import GatewayConfig, sha256_hex
-from gateway.streamstate import StreamRecord, parse_record
+from gateway.config import GatewayConfig, StreamsSection, sha256_hex
+from gateway.metrics import GatewayMetrics
+from gateway.streamstate import StreamRecord, StreamStateStore, parse_record
 from gateway.testing import RunningGateway, parse_sse, stream_tokens
 from loadtest.mock_replica import MockKnobs, MockReplica, expected_completion, prompt_text
 
@@ -279,3 +280,35 @@ async def test_a_reconnect_without_x_request_id_names_its_stream_by_the_event_id
         async with s.post(a.url + "/v1/chat/completions", json={**CHAT, "stream": False}, headers=headers) as r:
             assert r.status == 400
         assert sum(m.num_requests for m in ms) == n
+
+
+async def test_a_stream_is_in_redis_as_it_opens_not_an_interval_later(redis_url: str) -> None:
+    """A gateway killed a few milliseconds after a stream's first event must leave its state behind:
+    the open is written at once (here the interval is a minute, so only the open can write it)."""
+    client = aioredis.from_url(redis_url)
+    store = StreamStateStore(StreamsSection(state_write_interval_ms=60_000), "t:", GatewayMetrics(),
+                             1 << 20, 2.0)
+    store.attach_redis(client, redis_url)
+    store.start()
+    try:
+        rec = StreamRecord(request_id="r1", route="/v1/chat/completions", principal="k", body_sha256="s",
+                           body={"model": "m", "temperature": 0}, stream_id="chatcmpl-1", created=7, model="m",
+                           token_ids=[5])
+        store.open(rec)
+        short = StreamRecord(request_id="r2", route="/v1/completions", principal="k", body_sha256="s",
+                             body={"model": "m"})
+        store.open(short)
+        store.close(short, finished=True)  # done before the owner task ran: needs no write
+        blob = None
+        for _ in range(200):
+            blob = await client.get("t:stream:r1")
+            if blob is not None:
+                break
+            await asyncio.sleep(0.01)
+        got = parse_record("r1", blob, None, 1 << 20, 1000)
+        assert (got.stream_id, got.created, got.model, got.token_ids) == ("chatcmpl-1", 7, "m", [5])
+        assert await client.get("t:stream:r2") is None
+    finally:
+        await store.stop()
+        await client.aclose()
+
