@@ -16,10 +16,7 @@ from unbroken.launcher import Stack
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "configs" / "scenarios"
 SHORT = ["kill_replica", "hang_replica", "slow_network", "blackhole_replica", "redis_loss", "gateway_restart",
-         # Kept out of the default run until a stream's state reaches Redis as it opens: a gateway
-         # killed within one write interval of a stream's start leaves nothing to resume, and that
-         # client gets 404 (seen here as 1 request in 131; docs/gateway.md, limits).
-         pytest.param("kill_gateway", marks=pytest.mark.slow)]
+         "kill_gateway"]
 
 
 @pytest.mark.parametrize("name", SHORT)
