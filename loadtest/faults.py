@@ -263,8 +263,12 @@ class FaultInjector:
 
     def restart_killed_gateway(self, target: str = "gateway", wait: bool = True) -> None:
         index = self._gateway_index(target)
-        self._check_owned(self.stack.gateways[index], target)
-        self.stack.restart_gateway(wait=wait, index=index)
+        proc = self._check_owned(self.stack.gateways[index], target)
+        if proc.alive():  # the supervisor restarted it already
+            if wait:
+                proc.wait_ready(self.stack.config.gateway.ready_timeout_s)
+        else:
+            self.stack.restart_gateway(wait=wait, index=index)
         self._end("kill_gateway", target)
 
     # -- undo ----------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class RunSummary:
     num_retries: int
     num_client_retries: int
     num_stream_resumes: int = 0  # streams continued with Last-Event-ID after a gateway was lost
+    # of num_client_retries, those of requests running while a gateway was killed: the client moving
+    # to another gateway is the expected answer to that fault, not a gateway dropping connections
+    num_client_retries_gateway_lost: int = 0
     faults: list[FaultSummary] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
 
@@ -108,6 +111,11 @@ def summarize(records: list[dict[str, Any]], faults: list[dict[str, Any]], t0_s:
         num_retries=sum(int(r.get("retries") or 0) for r in records),
         num_client_retries=sum(int(r.get("client_retries") or 0) for r in records),
         num_stream_resumes=sum(int(r.get("stream_resumes") or 0) for r in records),
+        num_client_retries_gateway_lost=sum(
+            int(r.get("client_retries") or 0) for r in records
+            if any(_overlaps(r, f["started_at_s"], max(f.get("ended_at_s") or f["started_at_s"],
+                                                       f["started_at_s"] + FAULT_WINDOW_MIN_S))
+                   for f in faults if f.get("action") == "kill_gateway")),
         counters=dict(counters or {}),
     )
     for f in sorted(faults, key=lambda f: f["started_at_s"]):

@@ -4,7 +4,8 @@
 - a replica killed -9 is restarted by the supervisor and serves again without a person; having
   just died and restarted it is unstable, so critical requests avoid it while the other serves;
 - with one warm standby, a killed replica's place in rotation is taken by the standby within a
-  few seconds (the benchmark measures it tightly), and the killed one comes back as the standby.
+  few seconds (the benchmark measures it tightly), and the killed one comes back as the standby;
+- a gateway killed -9 is restarted on its port and serves again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from loadtest.chaos import running_stack
 from unbroken.launcher import Stack, StackConfig
+from unbroken.procs import http_ok
 
 
 def _config(model: Path, count: int, standby: int) -> StackConfig:
@@ -104,3 +106,13 @@ def test_standby_takes_the_place_of_a_killed_replica_at_once(stack_standby: Stac
           and admin(stack)["r0"]["state"] == "standby", 180, "r0 back as the standby", 0.2)
     assert admin(stack)["r0"]["role"] == "standby"
     assert {chat(stack) for _ in range(4)} == {(200, "r1")}
+    # A gateway killed -9 is restarted on its port by the same supervisor and serves again.
+    gw = stack.gateways[0]
+    gw_pid = gw.pid
+    gw.kill()
+    until(lambda: stack.gateways[0].pid != gw_pid and stack.gateways[0].alive()
+          and http_ok(stack.url + "/readyz"), 120,
+          "the gateway restarted and ready", 0.2)
+    assert any(e.program == "gateway" and e.kind == "restarted" for e in stack.supervisor.events)
+    # it starts from the configured roles (r0 active, r1 standby): docs/gateway.md, per process
+    assert {chat(stack) for _ in range(4)} == {(200, "r0")}

@@ -1,6 +1,9 @@
-"""The supervisor over a local :class:`~unbroken.launcher.Stack`: one program per replica and one
-per kvsync sidecar. A replica restarts on its own port (``Stack.restart_replica``), so the gateway's
-heartbeat finds it there and takes it back (as the standby when a standby was promoted in its place)."""
+"""The supervisor over a local :class:`~unbroken.launcher.Stack`: one program per replica, one per
+kvsync sidecar and one per gateway process. A replica restarts on its own port
+(``Stack.restart_replica``), so the gateway's heartbeat finds it there and takes it back (as the
+standby when a standby was promoted in its place). A gateway restarts on its own port too
+(``Stack.restart_gateway``): clients of ``unbroken.client`` moved to another gateway meanwhile, and
+the restarted one reads the shared state (placements, drains, streams) from Redis."""
 
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ class Stack(Protocol):
     def restart_replica(self, which: int | str, wait: bool = True) -> Any: ...
 
     def restart_kvsync(self, which: int | str) -> None: ...
+
+    gateways: Sequence[Any]  # ManagedProcess, one per gateway process (``--gateways N``)
+    gateway_ports: Sequence[int]
+
+    def restart_gateway(self, wait: bool = True, index: int = 0) -> None: ...
 
 
 class ReplicaTarget:
@@ -69,6 +77,29 @@ class KVSyncTarget:
         self.stack.restart_kvsync(self.replica_id)
 
 
+class GatewayTarget:
+    """Gateway process ``index``, probed at ``/healthz`` (liveness: ``/readyz`` is 503 while no
+    replica is ready, which is no reason to restart a gateway)."""
+
+    def __init__(self, stack: "Stack", index: int) -> None:
+        self.stack = stack
+        self.index = index
+        self.name = "gateway" if index == 0 else f"gateway-{index}"
+
+    def alive(self) -> bool:
+        return self.stack.gateways[self.index].alive()
+
+    def health_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.stack.gateway_ports[self.index]}/healthz"
+
+    def kill(self) -> None:
+        self.stack.gateways[self.index].kill()
+
+    def start(self) -> None:
+        if not self.alive():  # a fault's heal may have started it already
+            self.stack.restart_gateway(wait=False, index=self.index)
+
+
 def supervise_stack(stack: "Stack", on_event: Callable[[SupervisorEvent], None] | None = None) -> Supervisor:
     """Start supervising every replica and sidecar of a started stack."""
     targets: list = []  # type: ignore[type-arg]
@@ -76,4 +107,5 @@ def supervise_stack(stack: "Stack", on_event: Callable[[SupervisorEvent], None] 
         targets.append(ReplicaTarget(stack, r.replica_id))
         if r.kvsync is not None:
             targets.append(KVSyncTarget(stack, r.replica_id))
+    targets += [GatewayTarget(stack, i) for i in range(len(stack.gateways))]
     return Supervisor(stack.config.supervisor, targets, metrics=SupervisorMetrics(), on_event=on_event).start()

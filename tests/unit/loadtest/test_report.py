@@ -73,3 +73,13 @@ def test_cli_exit_status_follows_the_verdict(tmp_path: Path) -> None:
     assert "PASS" in (tmp_path / "r" / "report.md").read_text()
     events.write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
     assert main(["--events", str(events), "--out", str(tmp_path / "r2")]) == 1
+
+
+def test_client_retries_while_a_gateway_was_killed_are_counted_apart() -> None:
+    records, faults = _run()
+    r_kill, r_other = _rec(30.2, 1.0), _rec(5.0, 0.2)  # one inside the gateway kill's window, one before
+    r_kill["client_retries"], r_other["client_retries"] = 3, 1
+    faults.append({"action": "kill_gateway", "target": "gateway", "started_at_s": T0 + 30, "ended_at_s": T0 + 31,
+                   "detected_at_s": None, "detection_s": None, "mttr_s": None, "params": {}})
+    run = summarize(records + [r_kill, r_other], faults, t0_s=T0, warmup_s=1.0)
+    assert (run.num_client_retries, run.num_client_retries_gateway_lost) == (4, 3)
