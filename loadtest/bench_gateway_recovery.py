@@ -96,12 +96,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def client() -> Any:
             if not hasattr(local, "client"):
-                local.client = openai.OpenAI(base_url=urls[0], api_key="none", max_retries=0, timeout=120,
+                local.client = openai.OpenAI(base_url=urls[0], api_key=stack.api_key or "none", max_retries=0, timeout=120,
                                              http_client=unbroken.client.http_client(urls=urls))
             return local.client
 
         reference = {}
-        ref_client = openai.OpenAI(base_url=urls[1], api_key="none", max_retries=0, timeout=120)
+        ref_client = openai.OpenAI(base_url=urls[1], api_key=stack.api_key or "none", max_retries=0, timeout=120)
         for i in range(len(PROMPTS)):
             r = _stream(ref_client, i, args.max_tokens)
             assert not r.error, r.error
