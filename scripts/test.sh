@@ -21,7 +21,7 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/bin/promtool ]; then
     rm -rf "$tmp"
 fi
 set +e
-"$py" -m pytest -p no:cacheprovider -q "$@"
+"$py" -m pytest -p no:cacheprovider -q --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then echo "no tests ran: failing" >&2; exit 1; fi
