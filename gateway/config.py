@@ -254,6 +254,10 @@ class StreamsSection(Section):
                                               "that a client can resume it on any gateway (Last-Event-ID).")
     state_write_interval_ms: int = Field(50, gt=0, description="How often running streams' new tokens are "
                                                                "written behind the relay to Redis.")
+    state_write_on_open: bool = Field(True, description="Write a stream's state to Redis as it opens (off: "
+                                                        "from its first write interval on; a stream younger "
+                                                        "than that is resumable only on its own gateway, and "
+                                                        "short streams cost no Redis write at all).")
     state_ttl_s: int = Field(600, gt=0, description="How long a stream stays resumable after its last write.")
     state_queue_max: int = Field(4096, gt=0, description="Ended streams waiting for their last write (more are "
                                                          "dropped and counted; the relay never waits).")

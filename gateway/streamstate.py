@@ -177,7 +177,7 @@ class StreamStateStore:
         record.opened_s = time.monotonic()
         self._running[record.request_id] = record
         self._ended.pop(record.request_id, None)
-        if self.redis is None:
+        if self.redis is None or not self.config.state_write_on_open:
             return
         # Written at once, not at the next tick: a gateway killed a few milliseconds after a stream's
         # first event must leave enough behind for another to continue it (a full queue leaves the

@@ -312,3 +312,31 @@ async def test_a_stream_is_in_redis_as_it_opens_not_an_interval_later(redis_url:
         await store.stop()
         await client.aclose()
 
+
+
+async def test_without_the_write_at_open_a_young_stream_waits_for_its_interval(redis_url: str) -> None:
+    """``state_write_on_open: false``: an opened stream is left to the next interval (a minute here),
+    while a stream its client left is still written at once."""
+    client = aioredis.from_url(redis_url)
+    store = StreamStateStore(StreamsSection(state_write_interval_ms=60_000, state_write_on_open=False), "t:",
+                             GatewayMetrics(), 1 << 20, 2.0)
+    store.attach_redis(client, redis_url)
+    store.start()
+    try:
+        young = StreamRecord(request_id="y1", route="/v1/completions", principal="k", body_sha256="s",
+                             body={"model": "m"}, token_ids=[1])
+        store.open(young)
+        left = StreamRecord(request_id="y2", route="/v1/completions", principal="k", body_sha256="s",
+                            body={"model": "m"}, token_ids=[2])
+        store.open(left)
+        store.close(left, finished=False)
+        for _ in range(200):
+            if await client.get("t:stream:y2") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert await client.get("t:stream:y2") is not None
+        assert await client.get("t:stream:y1") is None
+        assert store.local("y1") is young  # resumable here all the same
+    finally:
+        await store.stop()
+        await client.aclose()
