@@ -534,7 +534,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 async def admin_replicas_handler(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     gw.auth.check_admin(request.headers.get("Authorization"))
-    return json_response({"replicas": [r.to_admin_dict() for r in gw.replicas],
+    return json_response({"replicas": [{**r.to_admin_dict(), "resume": gw.relay.admin_resume(r)} for r in gw.replicas],
                           "retry_budget_tokens": round(gw.budget.tokens, 2),
                           "queue_depth": gw.degradation.queue_depth,
                           "session_placements": len(gw.placements)})
