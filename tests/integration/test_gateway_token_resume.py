@@ -234,3 +234,31 @@ async def test_a_clients_reconnect_continues_through_the_token_route(pool: list[
         assert rest.split("\n")[0] == f"id: tok-1:{int(last.split(':')[1]) + 1}"
     finally:
         await gw.stop()
+
+
+async def test_the_real_tiny_model_cut_on_vllm_continued_on_sglang_equals_its_generate(tiny_model_dir: Path) -> None:
+    """Engines that run the tiny Qwen checkpoint itself (float32, greedy): a chat cut on vLLM and
+    continued on SGLang is the text of transformers' own ``generate()`` on ``apply_chat_template``."""
+    from transformers import AutoTokenizer
+
+    from loadtest.emulators.tokens import TinyCheckpointModel
+
+    tiny = TinyCheckpointModel(tiny_model_dir)
+    ref = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    body = {**CHAT, "messages": [{"role": "user", "content": "tell me a story"}]}  # no control token spelled
+    prompt = ref.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    want_ids = tiny.generate(prompt, N)
+    emus = [await make_emulator("vllm", EmulatorKnobs(cut_after_tokens=6), name="vllm0", token_model=tiny).start(),
+            await make_emulator("sglang", EmulatorKnobs(num_running_override=5), name="sglang1",
+                                token_model=tiny).start()]
+    gw = await start_gateway(emus, tiny_model_dir)
+    try:
+        events = await post(gw.url + "/v1/chat/completions", body)
+        ids, text = stream_tokens(events)
+        assert events[-1] == "[DONE]" and emus[1].token_prompts == [prompt + want_ids[:6]]
+        assert ids == want_ids and text == ref.decode(want_ids, skip_special_tokens=True)
+    finally:
+        await gw.stop()
+        for e in emus:
+            await e.stop()
