@@ -5,7 +5,8 @@ ids can be compared with one that ran through.
 - :class:`HashGreedyModel`: the next id is a hash of every id before it (prompt and generated), drawn
   from the tokenizer's plain word tokens: any wrong, missing or repeated id changes all that follows;
 - :class:`TinyCheckpointModel`: the real tiny Qwen checkpoint (``unbroken.tinymodel``), greedy in
-  float32 with transformers, so the text equals the model's own ``generate()``.
+  float32 with transformers, so the text equals the model's own ``generate()``;
+- :class:`CallableModel`: any greedy function (a test's reference, loaded as the replicas load it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import array
 import re
 import zlib
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 _PLAIN = re.compile(r"^ ?[a-z]{2,}$")
 
@@ -70,3 +71,18 @@ class TinyCheckpointModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class CallableModel:
+    """Any greedy function as the model (e.g. a test's reference ``generate`` that loads the
+    checkpoint exactly as the project's replicas do, so an emulated engine and a replica agree)."""
+
+    def __init__(self, generate: Callable[[list[int], int], list[int]], decode: Callable[[list[int]], str]) -> None:
+        self._generate = generate
+        self._decode = decode
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        return list(self._generate(list(ids), max_new_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)

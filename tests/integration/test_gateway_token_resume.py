@@ -1,12 +1,13 @@
 """Token-exact resume through vLLM's and SGLang's token-id APIs (the token route): the gateway renders
 the chat template from the model's tokenizer files, sends prompt ids to emulated engines (real HTTP,
 free ports) that answer greedily from the ids, and a stream cut mid-answer continues on another
-token-capable engine with prompt + generated ids: the answer equals an uninterrupted run, id for id."""
+token-capable engine with prompt + generated ids: the answer equals an uninterrupted run, id for id.
+Under ``-m slow``: a stream cut on vLLM continues on one of the project's replicas (``resume_token_ids``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -18,6 +19,7 @@ from gateway.tokenizer import ChatTokenizer
 from loadtest.emulators import EmulatorKnobs, EngineEmulator, expected_text, make_emulator, prompt_base
 from loadtest.emulators.flavors import SGLangFlavor
 from loadtest.emulators.tokens import HashGreedyModel
+from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 pytestmark = pytest.mark.asyncio
 
@@ -75,7 +77,7 @@ async def pool(request: pytest.FixtureRequest, model: HashGreedyModel) -> AsyncI
 async def start_gateway(emus: list[EngineEmulator], tokenizer_dir: Path | None, **replicas: Any) -> RunningGateway:
     cfg = GatewayConfig.model_validate({
         "server": {"port": 0},
-        "replicas": {"urls": [e.url for e in emus], "stall_timeout_s": 0.5, "first_byte_timeout_s": 2.0,
+        "replicas": {"urls": [e.url for e in emus], "stall_timeout_s": 2.0, "first_byte_timeout_s": 2.0,
                      "tokenizers": {"qwen": str(tokenizer_dir)} if tokenizer_dir else {}, **replicas},
         "routing": {"session_affinity": False, "policy": "least_load"},
         "retry": {"backoff_initial_ms": 1, "backoff_max_ms": 5, "hedge_critical": False},
@@ -262,3 +264,50 @@ async def test_the_real_tiny_model_cut_on_vllm_continued_on_sglang_equals_its_ge
         await gw.stop()
         for e in emus:
             await e.stop()
+
+
+@pytest.fixture(scope="module")
+def project_replica(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One of the project's replicas on the tiny model (NF4, as the ``reference`` fixture loads it)."""
+    port = free_port()
+    proc = ManagedProcess(
+        "replica", python_module_cmd("replica", "--model", str(tiny_model_dir), "--port", str(port),
+                                     "--quantization", "nf4", "--replica-id", "tok-replica"),
+        log_path=tmp_path_factory.mktemp("tok-replica") / "replica.log",
+        env={"UNBROKEN_REPLICA__MODEL__NUM_THREADS": "1", "UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512"},
+        ready_url=f"http://127.0.0.1:{port}/health",
+    ).start()
+    try:
+        proc.wait_ready(timeout_s=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop(timeout_s=20)
+
+
+@pytest.mark.slow  # a replica process: ~10 s more than the rest of this file together
+async def test_a_vllm_stream_resumes_on_the_projects_replica(project_replica: str, tiny_model_dir: Path,
+                                                             reference: Any) -> None:
+    """A chat on the token route cut on vLLM continues on a project replica with ``resume_token_ids``:
+    the answer is the model's own greedy one."""
+    from loadtest.emulators.tokens import CallableModel
+
+    tok, generate = reference
+    body = {**CHAT, "messages": [{"role": "user", "content": "tell me a story"}]}
+    prompt = ChatTokenizer.load(tiny_model_dir).chat_prompt_ids(body["messages"])
+    want_ids = generate(prompt, N)
+    vllm = await make_emulator("vllm", EmulatorKnobs(cut_after_tokens=6), name="vllm0",
+                               token_model=CallableModel(generate, lambda ids: tok.decode(ids))).start()
+    gw = await start_gateway([], tiny_model_dir, urls=[vllm.url, project_replica], kinds={vllm.url: "vllm"})
+    try:
+        await gw.wait_healthy(2, timeout_s=10)
+        for _ in range(2):  # the first request may land on the replica: the second then lands on vLLM
+            events = await post(gw.url + "/v1/chat/completions", body)
+            ids, text = stream_tokens(events)
+            assert events[-1] == "[DONE]"
+            assert ids == want_ids and text == tok.decode(want_ids, skip_special_tokens=True)
+            if vllm.num_token_requests:
+                break
+        assert vllm.num_token_requests == 1 and num_token_resumes(gw, "unbroken") == 1
+    finally:
+        await gw.stop()
+        await vllm.stop()
