@@ -46,6 +46,7 @@ from gateway.tokenizer import ChatTokenizer
 from gateway.tokenroute import TOKEN_ROUTE_KINDS, EngineStreamTranslator, TokenRoute
 from unbroken.errors import (
     ClientError,
+    InvalidRequestError,
     NoReplicaError,
     OverloadedError,
     UnbrokenError,
@@ -295,15 +296,18 @@ class Relay:
         """How a stream of ``req`` on ``rep`` resumes, and how one resumes there: ``token`` for vLLM
         and SGLang when the model has a tokenizer (the token route) unless ``replicas.resume`` turns
         the kind down; else the kind's own mode."""
-        if rep.kind in TOKEN_ROUTE_KINDS and req.stream and req.base_model in self.tokenizers \
+        mode = rep.resume_mode(req.route)
+        if rep.kind not in TOKEN_ROUTE_KINDS:
+            return mode
+        if req.stream and req.base_model in self.tokenizers \
                 and self.config.replicas.resume.get(rep.kind, "token") == "token":
             return "token"
-        return rep.resume_mode(req.route)
+        return "text" if mode == "token" else mode  # no ids to send them without a tokenizer
 
     def _token_route(self, ctx: RequestContext, rep: Replica) -> TokenRoute | None:
         if rep.kind not in TOKEN_ROUTE_KINDS or self.resume_mode(rep, ctx.req) != "token":
             return None
-        if ctx.token_route is None:
+        if ctx.token_route is None or ctx.token_route.model != ctx.req.base_model:  # a fallback model
             ctx.token_route = TokenRoute(ctx.req, self.tokenizers[ctx.req.base_model])
         return ctx.token_route
 
@@ -508,7 +512,12 @@ class Relay:
         token_route = self._token_route(ctx, rep)
         translator = None
         if token_route is not None:
-            path, payload, translator = token_route.engine_call(rep.kind, ctx.resume_ids or [])
+            try:
+                path, payload, translator = token_route.engine_call(rep.kind, ctx.resume_ids or [])
+            except ValueError as e:  # the chat template refused the messages
+                raise self._fail(lease, InvalidRequestError(f"the chat template of model {ctx.req.base_model!r} "
+                                                            f"refused these messages: {e}", param="messages"),
+                                 "client_error", Outcome.NEUTRAL) from None
         else:
             path, payload = ctx.req.route, payload_for(rep)
         assert self.session is not None

@@ -73,7 +73,8 @@ class ChatTokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[str | tuple[str]]:
         """The chat template rendered for ``messages`` with ``add_generation_prompt=True``, as pieces:
-        template text (``str``) and message contents (``(content,)``), in order."""
+        template text (``str``) and message contents (``(content,)``), in order. A template that
+        refuses the messages (``raise_exception``) raises ValueError."""
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -95,8 +96,11 @@ class ChatTokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-        text = env.from_string(self.chat_template).render(
-            messages=marked, add_generation_prompt=True, **self.special_tokens, **extra)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=marked, add_generation_prompt=True, **self.special_tokens, **extra)
+        except TemplateError as e:  # e.g. "Conversation roles must alternate"
+            raise ValueError(str(e) or type(e).__name__) from None
         pieces: list[str | tuple[str]] = []
         for i, content in enumerate(contents):
             before, sep, text = text.partition(_MARK.format(i))

@@ -42,6 +42,10 @@ ENGINE_PATHS = {"vllm": "/v1/completions", "sglang": "/generate"}
 DONE = b"[DONE]"
 
 
+class EngineTooOld(Exception):
+    """The engine ignores the token-id fields this route needs."""
+
+
 class TokenRoute:
     """One request's way to vLLM and SGLang by ids: its prompt ids (encoded once) and the engine
     call for a replica kind, from the start or after ``resume_ids``."""
@@ -49,6 +53,7 @@ class TokenRoute:
     def __init__(self, req: ClientRequest, tok: ChatTokenizer) -> None:
         self.req = req
         self.tok = tok
+        self.model = req.base_model  # whose tokenizer this is
         self._prompt_ids: list[int] | None = None
 
     @property
@@ -144,7 +149,12 @@ class EngineStreamTranslator:
                 continue
             if self.finished:
                 continue
-            new_ids, finish = self._read(obj)
+            try:
+                new_ids, finish = self._read(obj)
+            except EngineTooOld as e:  # the replica's fault: the request goes elsewhere
+                out.append(orjson.dumps({"error": {"message": str(e), "type": "InternalServerError",
+                                                   "code": 500}}))
+                return out
             if not self.opened:
                 self.opened = True
                 if self.chat:
@@ -171,6 +181,8 @@ class EngineStreamTranslator:
                 self.created = int(obj.get("created") or self.created)
             choices = obj.get("choices") or []
             ch = choices[0] if choices and isinstance(choices[0], dict) else {}
+            if choices and "token_ids" not in ch:
+                raise EngineTooOld("vLLM sent no token_ids: return_token_ids needs vLLM 0.10.2 or later")
             ids = ch.get("token_ids") or []
             finish = ch.get("finish_reason")
             return [int(i) for i in ids], finish if finish in ("stop", "length") else None

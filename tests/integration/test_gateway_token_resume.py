@@ -311,3 +311,27 @@ async def test_a_vllm_stream_resumes_on_the_projects_replica(project_replica: st
     finally:
         await gw.stop()
         await vllm.stop()
+
+
+@pytest.mark.parametrize("pool", [["vllm"]], indirect=True)
+async def test_a_template_that_refuses_the_messages_is_a_400(pool: list[EngineEmulator], tokenizer_dir: Path,
+                                                             tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}" \
+        + (config.get("chat_template") or (tokenizer_dir / "chat_template.jinja").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    gw = await start_gateway(pool, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 400
+                err = (await r.json())["error"]
+        assert "one message only" in err["message"] and err["param"] == "messages"
+        assert pool[0].num_requests == 0
+    finally:
+        await gw.stop()

@@ -170,3 +170,28 @@ def test_llamacpp_gets_repeat_penalty_one() -> None:
     body = {"model": "m", "prompt": "x", "max_completion_tokens": 3, "top_k": 0}
     assert for_engine(body, "llamacpp") == {"model": "m", "prompt": "x", "max_tokens": 3, "repeat_penalty": 1.0}
     assert "repeat_penalty" not in for_engine(body, "vllm")
+
+
+def test_a_vllm_without_return_token_ids_is_an_error_of_the_replica(tok: ChatTokenizer) -> None:
+    tr = EngineStreamTranslator("vllm", request(COMPLETIONS_ROUTE), tok, [], 3)
+    event = orjson.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": "hi", "finish_reason": None}]})
+    out = tr.feed([event])
+    err = orjson.loads(out[-1])["error"]
+    assert "0.10.2" in err["message"] and err["code"] == 500
+
+
+def test_a_template_that_refuses_the_messages_raises_value_error(tok_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    template = config.get("chat_template") or (tok_dir / "chat_template.jinja").read_text()  # where transformers put it
+    config["chat_template"] = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}" \
+        + template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    strict = ChatTokenizer.load(tmp_path)
+    assert strict.chat_prompt_ids([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="no system"):
+        strict.chat_prompt_ids([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
