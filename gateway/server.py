@@ -128,7 +128,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     relay = Relay(config, replicas, policy, health, executor, metrics)
     degradation = DegradationController(config.degradation, replicas, num_workers=num_workers)
     metrics.attach_replicas(ReplicaCollector(replicas, lambda: degradation.queue_depth,
-                                             lambda: degradation.num_inflight))
+                                             lambda: degradation.num_inflight, relay.admin_resume))
     streams = StreamStateStore(config.streams, config.redis.key_prefix, metrics, config.server.max_body_bytes,
                                config.redis.op_timeout_s, body_extra_ttl_s=config.server.request_deadline_s)
     relay.streams = streams

@@ -160,6 +160,9 @@ async def test_mixed_pool_resumes_on_a_token_capable_engine(pool: list[EngineEmu
                 admin = {x["kind"]: x["resume"] for x in (await r.json())["replicas"]}
         assert admin["vllm"]["completions"] == "token" and admin["vllm"]["token_models"] == ["qwen"]
         assert admin["sglang"]["chat"] == "token" and admin["tgi"]["completions"] == "text"
+        info = [line for line in gw.gateway.metrics.render().decode().splitlines()
+                if line.startswith("unbroken_gateway_replica_backend_info") and 'kind="vllm"' in line]
+        assert len(info) == 1 and 'resume_chat="token"' in info[0] and 'resume_completions="token"' in info[0]
         vllm.knobs.cut_after_tokens = 5
         assert_exact(await post(gw.url + "/v1/completions", COMPLETION), want_ids, want_text)
         assert tgi.num_requests == 0  # a text continuation was possible there, and an exact one was preferred
