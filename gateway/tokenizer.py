@@ -14,15 +14,13 @@ control token (transformers would encode the whole rendered string and let conte
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unbroken.config import ConfigError
 
-# A marker that cannot occur in a message (it is not valid in JSON text a client sends as content);
-# the rendered template is split on it so that the contents are encoded apart from the template.
-_MARK = "\x00\x01unbroken-content-{}\x01\x00"
 
 
 def _special(value: Any) -> str:
@@ -40,6 +38,7 @@ class ChatTokenizer:
     chat_template: str
     special_tokens: dict[str, str]
     special_ids: frozenset[int]
+    _template: Any = field(default=None, repr=False)  # compiled once, on first use
 
     @classmethod
     def load(cls, directory: str | Path) -> "ChatTokenizer":
@@ -54,7 +53,7 @@ class ChatTokenizer:
         try:
             tok = Tokenizer.from_file(str(d / "tokenizer.json"))
             config = json.loads((d / "tokenizer_config.json").read_text())
-        except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception subclass
+        except Exception as e:  # OSError, JSON's ValueError, or the tokenizers library's own error
             raise ConfigError(f"replicas.tokenizers: cannot load a tokenizer from {str(d)!r}: {e}") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
@@ -67,17 +66,43 @@ class ChatTokenizer:
         specials = {name: _special(config.get(name)) for name in
                     ("bos_token", "eos_token", "pad_token", "unk_token")}
         special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
-        return cls(tok, template, specials, special_ids)
+        out = cls(tok, template, specials, special_ids)
+        try:
+            out.compiled_template()
+        except ImportError:
+            raise ConfigError("replicas.tokenizers needs the 'tokens' extra (pip install 'unbroken[tokens]': "
+                              "the tokenizers and jinja2 packages)") from None
+        except Exception as e:  # jinja2's TemplateSyntaxError
+            raise ConfigError(f"replicas.tokenizers: the chat template in {str(d)!r} does not compile: {e}") from None
+        return out
 
     # -- prompts ---------------------------------------------------------------------------------
+
+    def compiled_template(self) -> Any:
+        """The chat template, compiled once in jinja2's sandbox (``raise_exception``, ``tojson`` as
+        transformers provides them)."""
+        if self._template is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+            self._template = env.from_string(self.chat_template)
+        return self._template
 
     def render_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[str | tuple[str]]:
         """The chat template rendered for ``messages`` with ``add_generation_prompt=True``, as pieces:
         template text (``str``) and message contents (``(content,)``), in order. A template that
         refuses the messages (``raise_exception``) raises ValueError."""
         from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        # The rendered template is split on a marker per content, so that the contents are encoded apart
+        # from the template; a fresh random marker per call, so that no client can spell one.
+        mark = f"\x00{secrets.token_hex(8)}-{{}}\x00"
         contents: list[str] = []
         marked = []
         for m in messages:
@@ -86,24 +111,18 @@ class ChatTokenizer:
             if isinstance(content, list):  # text parts only (the contract refuses other parts)
                 content = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
             if isinstance(content, str):
-                m["content"] = _MARK.format(len(contents))
+                m["content"] = mark.format(len(contents))
                 contents.append(content)
             marked.append(m)
 
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
         try:
-            text = env.from_string(self.chat_template).render(
-                messages=marked, add_generation_prompt=True, **self.special_tokens, **extra)
+            text = self.compiled_template().render(messages=marked, add_generation_prompt=True,
+                                                   **self.special_tokens, **extra)
         except TemplateError as e:  # e.g. "Conversation roles must alternate"
             raise ValueError(str(e) or type(e).__name__) from None
         pieces: list[str | tuple[str]] = []
         for i, content in enumerate(contents):
-            before, sep, text = text.partition(_MARK.format(i))
+            before, sep, text = text.partition(mark.format(i))
             if not sep:  # the template did not print this message's content as given
                 raise ValueError("the chat template changes message contents; it cannot be rendered apart")
             pieces += [before, (content,)]
