@@ -14,8 +14,9 @@ the gateway applies the chat template itself (``gateway/tokenizer.py``) and send
   ``ignore_eos``, ``stop``) and ``stream: true``; each event is ``{"text", "output_ids",
   "meta_info": {"id", "finish_reason": null | {"type": "stop" | "length" | "abort", ...},
   "prompt_tokens", "completion_tokens", ...}}``, then ``data: [DONE]``. ``output_ids`` hold every id
-  so far by default and only the new ones with ``--stream-output``; the new ids are read as the last
-  ``completion_tokens`` minus those seen, which is right either way.
+  so far or only the new ones, depending on the version and on ``--stream-output`` (later
+  ``--incremental-streaming-output``); the new ids are read as the last ``completion_tokens`` minus
+  those seen, which is right either way.
 
 :class:`EngineStreamTranslator` turns the engine's events back into the client's OpenAI chunks
 (``chat.completion.chunk`` with a role chunk first, or ``text_completion``) with ``token_ids`` on each
