@@ -11,7 +11,10 @@ partition: every wait on it expires at once), sends an error it is to blame for,
 the request is re-sent to another replica with ``resume_token_ids`` = every id forwarded so far;
 the new replica's role chunk is dropped, and its chunks' ``id``, ``created`` and ``model`` are
 rewritten to the original ones. The client sees one stream: no repeated role chunk, no duplicated
-or missing token, the same id. Requests whose state could not move (``n > 1``, several prompts,
+or missing token, the same id. vLLM and SGLang take part through the token route
+(``tokenroute.py``): a stream for a model with a tokenizer goes to them by token ids, its events are
+translated back to chunks with ``token_ids`` as they are read, and it resumes there with the prompt's
+ids plus those sent. Requests whose state could not move (``n > 1``, several prompts,
 ``logprobs``, ``echo``) are refused at the edge by the contract.
 
 Non-stream requests are forwarded as non-stream and retried whole (nothing has been sent yet).
@@ -315,11 +318,13 @@ class Relay:
         """``rep``'s resume modes for ``/admin/replicas``: per route, and the models it resumes by
         token ids (the token route)."""
         out: dict[str, Any] = {"chat": rep.resume_chat, "completions": rep.resume_completions}
-        if rep.kind in TOKEN_ROUTE_KINDS and self.config.replicas.resume.get(rep.kind, "token") == "token":
+        if rep.kind not in TOKEN_ROUTE_KINDS:
+            return out
+        out = {route: "text" if mode == "token" else mode for route, mode in out.items()}  # as resume_mode()
+        if self.config.replicas.resume.get(rep.kind, "token") == "token":
             token_models = sorted(m for m in self.tokenizers if not rep.models or m in rep.models)
             if token_models:
-                out.update(chat="token", completions="token", token_models=token_models,
-                           otherwise={"chat": rep.resume_chat, "completions": rep.resume_completions})
+                out = {"chat": "token", "completions": "token", "token_models": token_models, "otherwise": out}
         return out
 
     def log_no_replica(self, model: str, headline: str = "") -> None:
