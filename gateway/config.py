@@ -59,6 +59,11 @@ class ReplicasSection(Section):
     resume: dict[str, str] = Field(default_factory=dict, description="Per-kind resume mode override "
                                    "(kind -> token | text | none), e.g. {vllm: none} to never continue a "
                                    "partial answer by text.")
+    tokenizers: dict[str, str] = Field(default_factory=dict, description="Model name -> directory with its "
+                                       "tokenizer.json and tokenizer_config.json (chat template there or in "
+                                       "chat_template.jinja). A stream for "
+                                       "such a model goes to vLLM and SGLang replicas by token ids and resumes "
+                                       "token-exact (needs the 'tokens' extra). See docs/backends.md.")
     first_byte_timeout_s: float = Field(60.0, gt=0, description="First-token timeout: the longest wait for a "
                                         "replica's response headers and its first token (prefill of a long "
                                         "prompt); past it the attempt fails over to another replica.")

@@ -7,14 +7,14 @@ Per-replica health and breaker states, in-flight counts and queue depth are read
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.breaker import BreakerState
-from gateway.replicaset import ReplicaSet, ReplicaState
+from gateway.replicaset import Replica, ReplicaSet, ReplicaState
 
 PREFIX = "unbroken_gateway_"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -23,8 +23,11 @@ ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 
 class ReplicaCollector(Collector):
-    def __init__(self, replicas: ReplicaSet, queue_depth: Callable[[], int], inflight: Callable[[], int]) -> None:
+    def __init__(self, replicas: ReplicaSet, queue_depth: Callable[[], int], inflight: Callable[[], int],
+                 resume_of: Callable[[Replica], dict[str, Any]] | None = None) -> None:
         self.replicas = replicas
+        # A replica's resume modes as the relay applies them (vLLM and SGLang: token on the token route).
+        self._resume_of = resume_of or (lambda rep: {"chat": rep.resume_chat, "completions": rep.resume_completions})
         self._queue_depth = queue_depth
         self._inflight = inflight
 
@@ -47,7 +50,8 @@ class ReplicaCollector(Collector):
                                  "continuation of the partial answer; none: fail over only before the first byte).",
                                  labels=["replica", "kind", "resume_chat", "resume_completions"])
         for rep in self.replicas:
-            kind.add_metric([rep.replica_id, rep.kind, rep.resume_chat, rep.resume_completions], 1.0)
+            modes = self._resume_of(rep)
+            kind.add_metric([rep.replica_id, rep.kind, modes["chat"], modes["completions"]], 1.0)
             for s in ReplicaState:
                 health.add_metric([rep.replica_id, s.value], 1.0 if rep.state is s else 0.0)
             if rep.breaker is not None:

@@ -11,7 +11,10 @@ partition: every wait on it expires at once), sends an error it is to blame for,
 the request is re-sent to another replica with ``resume_token_ids`` = every id forwarded so far;
 the new replica's role chunk is dropped, and its chunks' ``id``, ``created`` and ``model`` are
 rewritten to the original ones. The client sees one stream: no repeated role chunk, no duplicated
-or missing token, the same id. Requests whose state could not move (``n > 1``, several prompts,
+or missing token, the same id. vLLM and SGLang take part through the token route
+(``tokenroute.py``): a stream for a model with a tokenizer goes to them by token ids, its events are
+translated back to chunks with ``token_ids`` as they are read, and it resumes there with the prompt's
+ids plus those sent. Requests whose state could not move (``n > 1``, several prompts,
 ``logprobs``, ``echo``) are refused at the edge by the contract.
 
 Non-stream requests are forwarded as non-stream and retried whole (nothing has been sent yet).
@@ -42,8 +45,11 @@ from gateway.resume import for_engine, resume_body
 from gateway.retry import AttemptError, RetryExecutor
 from gateway.stream_rewrite import DONE, ResumePoint, StreamRewriter
 from gateway.streamstate import StreamRecord, StreamStateStore
+from gateway.tokenizer import ChatTokenizer
+from gateway.tokenroute import TOKEN_ROUTE_KINDS, EngineStreamTranslator, TokenRoute
 from unbroken.errors import (
     ClientError,
+    InvalidRequestError,
     NoReplicaError,
     OverloadedError,
     UnbrokenError,
@@ -136,14 +142,19 @@ class RequestContext:
     resume_modes: frozenset[str] | None = None
     state: StreamRecord | None = None  # a resumable stream's state, kept in ``Relay.streams``
     resume: ResumePoint | None = None  # a client's reconnect: where its stream continues
+    # While a stream is being resumed: the ids the client has (the token route sends them to vLLM/SGLang).
+    resume_ids: list[int] | None = None
+    token_route: TokenRoute | None = None  # the request's way to vLLM and SGLang by ids, when its model has one
 
 
 class Upstream:
     """An open response from one replica; its lease holds the replica's in-flight slot until
     :meth:`finish`."""
 
-    def __init__(self, lease: AttemptLease, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, lease: AttemptLease, resp: aiohttp.ClientResponse,
+                 translator: EngineStreamTranslator | None = None) -> None:
         lease.attach(resp)
+        self.translator = translator  # the token route: the engine's events as the client's chunks
         self.lease = lease
         self.replica = lease.replica
         self.resp = resp
@@ -154,7 +165,17 @@ class Upstream:
 
     async def read_batch(self) -> list[bytes] | None:
         """The SSE ``data:`` payloads of the next network read(s): at least one, or None at the end.
-        Reading in batches lets a fast replica's events be relayed several per write."""
+        Reading in batches lets a fast replica's events be relayed several per write. On the token
+        route they are the translated chunks."""
+        while True:
+            batch = await self._read_payloads()
+            if batch is None or self.translator is None:
+                return batch
+            batch = self.translator.feed(batch)
+            if batch:
+                return batch
+
+    async def _read_payloads(self) -> list[bytes] | None:
         content = self.resp.content
         while True:
             data = await content.readany()
@@ -217,6 +238,9 @@ class Relay:
         self.metrics = metrics
         self.ttft = TTFTTracker()
         self.streams: StreamStateStore | None = None  # resumable streams' state (set by the server)
+        # Models whose streams go to vLLM and SGLang by token ids (replicas.tokenizers), loaded at start.
+        self.tokenizers: dict[str, ChatTokenizer] = {
+            model: ChatTokenizer.load(path) for model, path in config.replicas.tokenizers.items()}
         self.session: aiohttp.ClientSession | None = None
         rc = config.replicas
         self._auth_header = {"Authorization": f"Bearer {rc.shared_token}"} if rc.shared_token else {}
@@ -244,12 +268,17 @@ class Relay:
         """Pick a replica for ``ctx`` and take a lease on it (released once, by the attempt)."""
         model = ctx.req.model
         now = time.monotonic()
-        modes, route = ctx.resume_modes, ctx.req.route
+        modes = ctx.resume_modes
 
         def usable(reps: list[Replica]) -> list[Replica]:
             # a replica that answered 429 is left alone until its Retry-After; while resuming, only
             # replicas that can continue the stream in a mode we have the state for
-            return [r for r in reps if r.cooldown_until_s <= now and (modes is None or r.resume_mode(route) in modes)]
+            out = [r for r in reps if r.cooldown_until_s <= now
+                   and (modes is None or self.resume_mode(r, ctx.req) in modes)]
+            if modes is not None and "token" in modes:  # an exact resume wherever one can be had
+                exact = [r for r in out if self.resume_mode(r, ctx.req) == "token"]
+                return exact or out
+            return out
 
         cands = usable(self.replicas.candidates(model, ctx.tried))
         if not cands:
@@ -265,6 +294,38 @@ class Relay:
             raise AttemptError(err, None, "no_replica")
         ctx.tried.add(rep)
         return AttemptLease(rep)
+
+    def resume_mode(self, rep: Replica, req: ClientRequest) -> str:
+        """How a stream of ``req`` on ``rep`` resumes, and how one resumes there: ``token`` for vLLM
+        and SGLang when the model has a tokenizer (the token route) unless ``replicas.resume`` turns
+        the kind down; else the kind's own mode."""
+        mode = rep.resume_mode(req.route)
+        if rep.kind not in TOKEN_ROUTE_KINDS:
+            return mode
+        if req.stream and req.base_model in self.tokenizers \
+                and self.config.replicas.resume.get(rep.kind, "token") == "token":
+            return "token"
+        return "text" if mode == "token" else mode  # no ids to send them without a tokenizer
+
+    def _token_route(self, ctx: RequestContext, rep: Replica) -> TokenRoute | None:
+        if rep.kind not in TOKEN_ROUTE_KINDS or self.resume_mode(rep, ctx.req) != "token":
+            return None
+        if ctx.token_route is None or ctx.token_route.model != ctx.req.base_model:  # a fallback model
+            ctx.token_route = TokenRoute(ctx.req, self.tokenizers[ctx.req.base_model])
+        return ctx.token_route
+
+    def admin_resume(self, rep: Replica) -> dict[str, Any]:
+        """``rep``'s resume modes for ``/admin/replicas``: per route, and the models it resumes by
+        token ids (the token route)."""
+        out: dict[str, Any] = {"chat": rep.resume_chat, "completions": rep.resume_completions}
+        if rep.kind not in TOKEN_ROUTE_KINDS:
+            return out
+        out = {route: "text" if mode == "token" else mode for route, mode in out.items()}  # as resume_mode()
+        if self.config.replicas.resume.get(rep.kind, "token") == "token":
+            token_models = sorted(m for m in self.tokenizers if not rep.models or m in rep.models)
+            if token_models:
+                out = {"chat": "token", "completions": "token", "token_models": token_models, "otherwise": out}
+        return out
 
     def log_no_replica(self, model: str, headline: str = "") -> None:
         """Say why no replica could take a request for ``model``: one line per replica and reason,
@@ -438,13 +499,13 @@ class Relay:
     def _payloads(ctx: RequestContext) -> Callable[[Replica], bytes]:
         """The body for a replica of each kind: the contract's serialization for the project's
         replicas, and without the project's own defaults (``top_k: 0`` ...) for other engines."""
-        cache: dict[bool, bytes] = {}
+        cache: dict[str, bytes] = {}
 
         def payload_for(rep: Replica) -> bytes:
-            engine = rep.kind != "unbroken"
-            if engine not in cache:
-                cache[engine] = orjson.dumps(for_engine(ctx.req.openai.to_body())) if engine else ctx.req.payload()
-            return cache[engine]
+            if rep.kind not in cache:
+                cache[rep.kind] = ctx.req.payload() if rep.kind == "unbroken" else \
+                    orjson.dumps(for_engine(ctx.req.openai.to_body(), rep.kind))
+            return cache[rep.kind]
 
         return payload_for
 
@@ -453,12 +514,22 @@ class Relay:
     async def _open_stream(self, ctx: RequestContext, payload_for: Callable[[Replica], bytes]) -> Upstream:
         lease = self.select(ctx)
         rep = lease.replica
-        payload = payload_for(rep)
+        token_route = self._token_route(ctx, rep)
+        translator = None
+        if token_route is not None:
+            try:
+                path, payload, translator = token_route.engine_call(rep.kind, ctx.resume_ids or [])
+            except ValueError as e:  # the chat template refused the messages
+                raise self._fail(lease, InvalidRequestError(f"the chat template of model {ctx.req.base_model!r} "
+                                                            f"refused these messages: {e}", param="messages"),
+                                 "client_error", Outcome.NEUTRAL) from None
+        else:
+            path, payload = ctx.req.route, payload_for(rep)
         assert self.session is not None
         rc = self.config.replicas
         try:
             async with _watched(rep, min(rc.first_byte_timeout_s, max(0.001, ctx.deadline_s - time.monotonic()))):
-                resp = await self.session.post(rep.url + ctx.req.route, data=payload, headers=_headers_for(rep, ctx),
+                resp = await self.session.post(rep.url + path, data=payload, headers=_headers_for(rep, ctx),
                                                timeout=self._stream_timeout)
                 lease.attach(resp)
                 if resp.status == 429:
@@ -470,7 +541,7 @@ class Relay:
                     if isinstance(err, ClientError):
                         raise self._fail(lease, err, "client_error", Outcome.SUCCESS)
                     raise self._refused(lease, err)
-                up = Upstream(lease, resp)
+                up = Upstream(lease, resp, translator)
                 await self._read_opening(up)
                 self._count_attempt(rep, "ok")
                 return up
@@ -522,10 +593,11 @@ class Relay:
         if rw is None and resume_token_ids:
             payload = ctx.req.payload(resume_token_ids)
             ctx.resume_modes = frozenset({"token"})
+            ctx.resume_ids = resume_token_ids
             try:
                 return await self._with_retries(ctx, lambda: self._open_stream(ctx, lambda _rep: payload))
             finally:
-                ctx.resume_modes = None
+                ctx.resume_modes = ctx.resume_ids = None
         if rw is None:
             return await self._with_retries(ctx, lambda: self._open_stream(ctx, self._payloads(ctx)))
         req = ctx.req
@@ -534,12 +606,14 @@ class Relay:
         bodies: dict[str, bytes | None] = {}
 
         def payload_for(rep: Replica) -> bytes:
-            mode = rep.resume_mode(req.route)
-            if mode not in bodies:
+            mode = self.resume_mode(rep, req)
+            key = f"{mode}:{rep.kind}"
+            if key not in bodies:
                 b = resume_body(body, req.route, mode, sent_ids=rw.sent_ids, sent_text=rw.text_so_far,
                                 num_tokens_sent=rw.num_tokens_sent)
-                bodies[mode] = None if b is None else orjson.dumps(b if rep.kind == "unbroken" else for_engine(b))
-            payload = bodies[mode]
+                bodies[key] = None if b is None else orjson.dumps(b if rep.kind == "unbroken" else
+                                                                  for_engine(b, rep.kind))
+            payload = bodies[key]
             assert payload is not None  # select() only offers replicas of a usable mode
             return payload
 
@@ -548,10 +622,11 @@ class Relay:
         if not usable:
             raise AttemptError(UpstreamError("this request cannot be continued by text"), None, "not_resumable")
         ctx.resume_modes = frozenset(usable)
+        ctx.resume_ids = list(rw.sent_ids)
         try:
             return await self._with_retries(ctx, lambda: self._open_stream(ctx, payload_for))
         finally:
-            ctx.resume_modes = None
+            ctx.resume_modes = ctx.resume_ids = None
 
     # -- stream: relaying and failing over -------------------------------------------------------
 
@@ -680,7 +755,7 @@ class Relay:
             ctx.status = 502
             return None, rw.tag(sse_error_event(UpstreamError(
                 f"the replica failed mid-stream and no other could resume it: {e.error.message}")))
-        mode = up.replica.resume_mode(ctx.req.route)
+        mode = self.resume_mode(up.replica, ctx.req)
         rw.note_resume(mode)
         self.metrics.resumes.labels(mode, up.replica.kind).inc()
         rw.begin_upstream(up.prefix)  # the new replica's role chunk is dropped
@@ -690,7 +765,7 @@ class Relay:
     def _why_not_resumable(self, ctx: RequestContext) -> str | None:
         if not ctx.req.transferable:
             return "not_transferable"
-        if not any(r.resume_mode(ctx.req.route) != "none" for r in self.replicas if r.serves(ctx.req.model)):
+        if not any(self.resume_mode(r, ctx.req) != "none" for r in self.replicas if r.serves(ctx.req.model)):
             return "no_replica_can_resume"
         if ctx.num_failovers >= self.config.retry.max_failovers:
             return "too_many_failovers"

@@ -24,13 +24,17 @@ from gateway.protocol import CHAT_ROUTE
 _PROJECT_DEFAULTS = {"top_k": 0, "min_tokens": 0, "ignore_eos": False}
 
 
-def for_engine(body: dict[str, Any]) -> dict[str, Any]:
+def for_engine(body: dict[str, Any], kind: str = "") -> dict[str, Any]:
     """``body`` for another engine's OpenAI server: the project's neutral defaults left out, and the
     length limit as ``max_tokens``, the name every engine reads (llama-cpp-python 0.3 ignores
-    ``max_completion_tokens`` and would generate to the end of its context)."""
+    ``max_completion_tokens`` and would generate to the end of its context). llama.cpp also gets
+    ``repeat_penalty: 1.0``: the contract refuses any repetition penalty, and llama-cpp-python's
+    default of 1.1 would make a greedy answer differ from the model's own."""
     out = {k: v for k, v in body.items() if not (k in _PROJECT_DEFAULTS and v == _PROJECT_DEFAULTS[k])}
     if "max_completion_tokens" in out:
         out["max_tokens"] = out.pop("max_completion_tokens")
+    if kind == "llamacpp":
+        out["repeat_penalty"] = 1.0
     return out
 
 

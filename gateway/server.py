@@ -128,7 +128,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     relay = Relay(config, replicas, policy, health, executor, metrics)
     degradation = DegradationController(config.degradation, replicas, num_workers=num_workers)
     metrics.attach_replicas(ReplicaCollector(replicas, lambda: degradation.queue_depth,
-                                             lambda: degradation.num_inflight))
+                                             lambda: degradation.num_inflight, relay.admin_resume))
     streams = StreamStateStore(config.streams, config.redis.key_prefix, metrics, config.server.max_body_bytes,
                                config.redis.op_timeout_s, body_extra_ttl_s=config.server.request_deadline_s)
     relay.streams = streams
@@ -534,7 +534,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 async def admin_replicas_handler(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     gw.auth.check_admin(request.headers.get("Authorization"))
-    return json_response({"replicas": [r.to_admin_dict() for r in gw.replicas],
+    return json_response({"replicas": [{**r.to_admin_dict(), "resume": gw.relay.admin_resume(r)} for r in gw.replicas],
                           "retry_budget_tokens": round(gw.budget.tokens, 2),
                           "queue_depth": gw.degradation.queue_depth,
                           "session_placements": len(gw.placements)})

@@ -9,7 +9,9 @@ llama-cpp-python's server (followed: llama-cpp-python 0.3.x, ``llama_cpp.server`
 - llama-cpp-python's server has no ``/health`` or ``/metrics``: it is seen alive by ``/v1/models``
   and routed on the gateway's in-flight count;
 - resume: completions by appending the partial text to the prompt; chat ``none`` (llama-cpp-python
-  formats a trailing assistant message as a finished turn, so a prefix would restart the answer).
+  formats a trailing assistant message as a finished turn, so a prefix would restart the answer);
+- requests carry ``repeat_penalty: 1.0`` (``gateway/resume.py`` ``for_engine``): llama-cpp-python's
+  default is 1.1, which makes a greedy answer differ from the model's own ``generate()``.
 """
 
 from __future__ import annotations

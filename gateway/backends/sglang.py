@@ -5,7 +5,9 @@
 - health ``GET /health``; models ``GET /v1/models``;
 - load ``sglang:num_running_reqs`` / ``sglang:num_queue_reqs``; KV ``sglang:token_usage`` (0..1)
   — served when the server runs with ``--enable-metrics``; without it, routing uses in-flight only;
-- resume: chat by an assistant prefix with ``continue_final_message: true``; completions by prompt.
+- resume: ``token`` (exact) for streams of a model with ``replicas.tokenizers``: they go by token ids
+  to ``/generate`` with ``input_ids`` (v0.5.2; ``gateway/tokenroute.py``); otherwise chat by an
+  assistant prefix with ``continue_final_message: true``, completions by prompt (``text``, inexact).
 """
 
 from __future__ import annotations

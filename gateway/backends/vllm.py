@@ -5,9 +5,10 @@ server; names checked against the v0.32 metrics page).
 - health ``GET /health`` (200, empty body), models ``GET /v1/models`` (with ``max_model_len``);
 - load ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``; KV
   ``vllm:kv_cache_usage_perc`` (0..1; ``vllm:gpu_cache_usage_perc`` before v0.10);
-- resume: chat by an assistant prefix with ``continue_final_message: true`` and
-  ``add_generation_prompt: false``; completions by appending the partial text to the prompt.
-  (Token-exact resume through vLLM's token-id prompts is possible and not built yet.)
+- resume: ``token`` (exact) for streams of a model with ``replicas.tokenizers``: they go by token ids
+  to ``/v1/completions`` with ``return_token_ids`` (v0.10.2+; ``gateway/tokenroute.py``); otherwise
+  chat by an assistant prefix with ``continue_final_message: true`` and ``add_generation_prompt:
+  false``, completions by appending the partial text to the prompt (``text``, inexact).
 """
 
 from __future__ import annotations

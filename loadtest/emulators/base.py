@@ -21,6 +21,12 @@ finish nor ``[DONE]``), ``omit_done`` (finish chunk, then the end without ``[DON
 (health fails and generation resets: set and clear it to flap), ``token_interval_ms``.
 A fault with ``_n`` applies to the next N generation requests; ``_after_tokens`` faults to every
 stream until set back to -1, unless ``faults_once`` (then the first affected request only).
+
+Token mode (with a ``token_model``, :mod:`loadtest.emulators.tokens`): vLLM's ``/v1/completions``
+with a ``prompt`` of token ids (and ``return_token_ids``) and SGLang's ``/generate`` with
+``input_ids`` answer with the model's greedy ids, in each engine's streamed form (the flavors cite
+the versions); the same knobs apply, counted in tokens. ``stop`` strings are not applied there (the
+gateway cuts them); ``num_token_requests`` and ``token_prompts`` record what came.
 """
 
 from __future__ import annotations
@@ -99,8 +105,11 @@ class EngineEmulator:
     """The shared server; a :class:`~loadtest.emulators.flavors.Flavor` supplies what differs."""
 
     def __init__(self, flavor: Any, knobs: EmulatorKnobs | None = None, *, model: str = "qwen",
-                 name: str = "") -> None:
+                 name: str = "", token_model: Any = None) -> None:
         self.flavor = flavor
+        self.token_model = token_model  # loadtest.emulators.tokens.TokenModel: answers token-id requests
+        self.num_token_requests = 0
+        self.token_prompts: list[list[int]] = []
         self.knobs = knobs or EmulatorKnobs()
         self.model = model
         self.name = name or flavor.kind
@@ -125,6 +134,8 @@ class EngineEmulator:
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
+        if self.flavor.generate_route:
+            app.router.add_post(self.flavor.generate_route, self._generate)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         for path, fn in self.flavor.info_routes.items():
@@ -252,6 +263,9 @@ class EngineEmulator:
         chat = request.path.endswith("chat/completions")
         if body.get("model", self.model) != self.model:
             return fl.error(404, f"The model `{body.get('model')}` does not exist.", "not_found")
+        token_req = fl.token_request(request.path, body)
+        if token_req is not None:
+            return await self._generate_tokens(request, body, *token_req)
         base, prefix = prompt_base(body, chat)
         if k.refuse_word and k.refuse_word in base:
             return fl.content_refusal()
@@ -281,12 +295,51 @@ class EngineEmulator:
         finally:
             self.num_running -= 1
 
+    async def _generate_tokens(self, request: web.Request, body: dict[str, Any], ids: Any,
+                               max_new: int) -> web.StreamResponse:
+        k, fl = self.knobs, self.flavor
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            return fl.error(400, "the prompt must be a non-empty list of token ids", "validation")
+        if self.token_model is None:
+            return fl.error(400, "this server has no model for token-id prompts", "validation")
+        if not body.get("stream"):
+            return fl.error(400, "the emulator answers token-id prompts as streams only", "validation")
+        if len(ids) + max_new > k.max_model_len:
+            return fl.context_error(k.max_model_len, len(ids), max_new)
+        self.num_token_requests += 1
+        self.token_prompts.append(list(ids))
+        self.num_generations += 1
+        self.num_running += 1
+        try:
+            gen = await asyncio.to_thread(self.token_model.generate, ids, max_new)
+            rid = f"{self.name}-{self.num_requests}"
+            created = int(time.time())
+            per_token = fl.token_events(self, body, rid, created, ids, gen, max_new)
+            closing = fl.token_closing(self, body, rid, created, ids, gen)
+            return await self._send_events(request, [], per_token, closing)
+        finally:
+            self.num_running -= 1
+
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, rid: str, words: list[str],
                       num_prompt: int) -> web.StreamResponse:
-        k, fl = self.knobs, self.flavor
+        fl = self.flavor
+        created = int(time.time())
+        opening = [fl.chunk(self, chat, rid, created, {"role": "assistant", "content": ""}, None)] if chat else []
+        per_token = [fl.chunk(self, chat, rid, created, {"content": w} if chat else w, None) for w in words]
+        closing = [fl.chunk(self, chat, rid, created, {} if chat else "", "length")]
+        so = body.get("stream_options")
+        if isinstance(so, dict) and so.get("include_usage"):
+            closing.append(fl.usage_chunk(self, chat, rid, created, num_prompt, len(words)))
+        return await self._send_events(request, opening, per_token, closing)
+
+    async def _send_events(self, request: web.Request, opening: list[dict[str, Any]],
+                           per_token: list[dict[str, Any]], closing: list[dict[str, Any]]) -> web.StreamResponse:
+        """Stream ``opening``, one event per token, then ``closing`` and ``[DONE]``, with the faults
+        the knobs ask for (counted in tokens)."""
+        k = self.knobs
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        created = int(time.time())
+        rid = str(per_token[0].get("id", "")) if per_token else ""
         cut, stall = self._fault_at("cut_after_tokens"), self._fault_at("stall_after_tokens")
         bad, early = self._fault_at("malformed_after_tokens"), self._fault_at("end_without_done_after_tokens")
 
@@ -294,11 +347,11 @@ class EngineEmulator:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
         try:
-            if chat:
-                await send(fl.chunk(self, chat, rid, created, {"role": "assistant", "content": ""}, None))
+            for ev in opening:
+                await send(ev)
             if k.first_token_delay_ms:
                 await asyncio.sleep(k.first_token_delay_ms / 1000.0)
-            for i, w in enumerate(words):
+            for i, ev in enumerate(per_token):
                 if i == cut:
                     self._reset(request)
                     return resp
@@ -313,11 +366,9 @@ class EngineEmulator:
                     return resp
                 if k.token_interval_ms:
                     await asyncio.sleep(k.token_interval_ms / 1000.0)
-                await send(fl.chunk(self, chat, rid, created, {"content": w} if chat else w, None))
-            await send(fl.chunk(self, chat, rid, created, {} if chat else "", "length"))
-            so = body.get("stream_options")
-            if isinstance(so, dict) and so.get("include_usage"):
-                await send(fl.usage_chunk(self, chat, rid, created, num_prompt, len(words)))
+                await send(ev)
+            for ev in closing:
+                await send(ev)
             if not k.omit_done:
                 await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

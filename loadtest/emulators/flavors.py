@@ -39,6 +39,21 @@ class Flavor:
     accepts_prefix = True
     info_routes: dict[str, Any] = {}
     system_fingerprint: str | None = None
+    generate_route = ""  # an engine's own generation route besides the OpenAI ones
+
+    # -- token-id requests (EngineEmulator.token_model) --------------------------------------------
+
+    def token_request(self, path: str, body: dict[str, Any]) -> tuple[Any, int] | None:
+        """``(prompt ids, max new tokens)`` when ``body`` asks by token ids, else None."""
+        return None
+
+    def token_events(self, e: EngineEmulator, body: dict[str, Any], rid: str, created: int, ids: list[int],
+                     gen: list[int], max_new: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def token_closing(self, e: EngineEmulator, body: dict[str, Any], rid: str, created: int, ids: list[int],
+                      gen: list[int]) -> list[dict[str, Any]]:
+        return []
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -120,6 +135,39 @@ class VLLMFlavor(Flavor):
                                f"the completion). Please reduce the length of the messages or completion.",
                           "validation")
 
+    def token_request(self, path: str, body: dict[str, Any]) -> tuple[Any, int] | None:
+        # vLLM v0.11 CompletionRequest: ``prompt`` may be a list of ids; ``return_token_ids`` (v0.10.2+)
+        if path != "/v1/completions" or not isinstance(body.get("prompt"), list):
+            return None
+        return body["prompt"], int(body.get("max_tokens") or 16)
+
+    def token_events(self, e: EngineEmulator, body: dict[str, Any], rid: str, created: int, ids: list[int],
+                     gen: list[int], max_new: int) -> list[dict[str, Any]]:
+        """One ``text_completion`` chunk per token (serving_completion.py, v0.11): with
+        ``return_token_ids`` the choice carries ``token_ids`` (and the first one ``prompt_token_ids``);
+        the finish reason comes with the last token."""
+        want_ids = bool(body.get("return_token_ids"))
+        finish = "length" if len(gen) >= max_new else "stop"
+        out = []
+        for i, t in enumerate(gen):
+            last = i == len(gen) - 1
+            ch: dict[str, Any] = {"index": 0, "text": e.token_model.decode(gen[:i + 1])[len(e.token_model.decode(
+                gen[:i])):], "logprobs": None, "finish_reason": finish if last else None,
+                                  "stop_reason": None}
+            if want_ids:
+                ch["prompt_token_ids"] = ids if i == 0 else None
+                ch["token_ids"] = [t]
+            out.append({"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": e.model,
+                        "choices": [ch]})
+        return out
+
+    def token_closing(self, e: EngineEmulator, body: dict[str, Any], rid: str, created: int, ids: list[int],
+                      gen: list[int]) -> list[dict[str, Any]]:
+        so = body.get("stream_options")
+        if isinstance(so, dict) and so.get("include_usage"):
+            return [self.usage_chunk(e, False, f"cmpl-{rid}", created, len(ids), len(gen))]
+        return []
+
     def models_body(self, e: EngineEmulator) -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": e.model, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": e.model,
@@ -139,6 +187,34 @@ class VLLMFlavor(Flavor):
 class SGLangFlavor(Flavor):
     kind = "sglang"
     version = "0.5.2"
+    generate_route = "/generate"
+
+    def __init__(self, stream_output: bool = False) -> None:
+        self.stream_output = stream_output  # the server's --stream-output: output_ids only the new ones
+
+    def token_request(self, path: str, body: dict[str, Any]) -> tuple[Any, int] | None:
+        # SGLang v0.5.2 GenerateReqInput: ``input_ids``, ``sampling_params.max_new_tokens`` (default 128)
+        if path != "/generate":
+            return None
+        params = body.get("sampling_params") or {}
+        return body.get("input_ids"), int(params.get("max_new_tokens") or 128)
+
+    def token_events(self, e: EngineEmulator, body: dict[str, Any], rid: str, created: int, ids: list[int],
+                     gen: list[int], max_new: int) -> list[dict[str, Any]]:
+        """One event per token (tokenizer_manager.py, v0.5.2): ``text`` so far, ``output_ids`` (all so
+        far; the new ones with ``--stream-output``) and ``meta_info`` (``finish_reason`` with the last)."""
+        out = []
+        for i in range(len(gen)):
+            last = i == len(gen) - 1
+            finish = None
+            if last:
+                finish = {"type": "length", "length": max_new} if len(gen) >= max_new else \
+                    {"type": "stop", "matched": gen[-1]}
+            out.append({"text": e.token_model.decode(gen[:i + 1]),
+                        "output_ids": gen[i:i + 1] if self.stream_output else gen[:i + 1],
+                        "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids),
+                                      "completion_tokens": i + 1, "cached_tokens": 0}})
+        return out
     info_routes = {
         "/get_server_info": lambda e: {"version": SGLangFlavor.version, "model_path": e.model,
                                        "tokenizer_path": e.model, "context_length": e.knobs.max_model_len},
@@ -251,10 +327,11 @@ FLAVORS: dict[str, type[Flavor]] = {"vllm": VLLMFlavor, "sglang": SGLangFlavor, 
 
 
 def make_emulator(kind: str, knobs: EmulatorKnobs | None = None, *, model: str = "qwen",
-                  name: str = "") -> EngineEmulator:
-    """An emulator of ``kind``; an unknown kind lists the supported ones."""
+                  name: str = "", token_model: Any = None) -> EngineEmulator:
+    """An emulator of ``kind``; an unknown kind lists the supported ones. ``token_model``
+    (:mod:`loadtest.emulators.tokens`) answers token-id requests."""
     try:
         flavor = FLAVORS[kind]()
     except KeyError:
         raise ValueError(f"unknown engine {kind!r}; supported: {', '.join(sorted(FLAVORS))}") from None
-    return EngineEmulator(flavor, knobs, model=model, name=name)
+    return EngineEmulator(flavor, knobs, model=model, name=name, token_model=token_model)

@@ -398,3 +398,17 @@ async def test_a_flapping_primary_leaves_and_rejoins(pair: list[EngineEmulator],
         await serves_normally(gw)
     finally:
         await gw.stop()
+
+
+async def test_llamacpp_requests_carry_repeat_penalty_one() -> None:
+    """llama-cpp-python's default repeat_penalty (1.1) would change a greedy answer: the gateway sends 1.0."""
+    emu = await make_emulator("llamacpp", name="llamacpp0").start()
+    gw = await start_gateway([emu])
+    try:
+        for body in (COMPLETION, CHAT):
+            status, _, _ = await post(gw.url + route_of(body), body)
+            assert status == 200
+            assert emu.last_body is not None and emu.last_body["repeat_penalty"] == 1.0
+    finally:
+        await gw.stop()
+        await emu.stop()
