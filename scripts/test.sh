@@ -4,7 +4,7 @@
 # Extra arguments go to pytest (e.g. tests/unit, -k failover, -m slow; a slow run adds the engines extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=replica,test,load
+extras=replica,test,load,tokens
 # The slow tests also run a real llama.cpp server: its extra builds llama.cpp from source (minutes),
 # so only a run that selects slow tests installs it.
 case " $* " in *slow*) extras="$extras,engines" ;; esac
