@@ -1,8 +1,9 @@
 """Replica supervision and warm standby on a real stack (Redis, tiny-model replicas, gateway), by
 ``unbroken up``'s own :class:`Stack`:
 
-- a replica killed -9 is restarted by the supervisor and serves again without a person; having
-  just died and restarted it is unstable, so critical requests avoid it while the other serves;
+- a replica killed -9 is restarted by the supervisor, forked by the zygote (``replicas.zygote``),
+  and serves again without a person, greedy tokens equal to transformers' generate(); having just
+  died and restarted it is unstable, so critical requests avoid it while the other serves;
 - with one warm standby, a killed replica's place in rotation is taken by the standby within a
   few seconds (the benchmark measures it tightly), and the killed one comes back as the standby;
 - a gateway killed -9 is restarted on its port and serves again.
@@ -47,6 +48,16 @@ def until(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: floa
     return time.monotonic() - t0
 
 
+def greedy(stack: Stack, max_tokens: int = 16) -> tuple[str, list[int]]:
+    r = requests.post(stack.url + "/v1/chat/completions", timeout=60, headers=stack.auth_headers(),
+                      json={"model": "qwen", "messages": MSGS, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.headers.get("X-Replica-ID", ""), r.json()["choices"][0]["token_ids"]
+
+
+MSGS = [{"role": "user", "content": "Hello"}]
+
+
 def chat(stack: Stack, priority: str = "normal") -> tuple[int, str]:
     r = requests.post(stack.url + "/v1/chat/completions", timeout=60, headers={"X-Priority": priority, **stack.auth_headers()},
                    json={"model": "qwen", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
@@ -66,8 +77,10 @@ def stack_standby(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstable(stack_two: Stack) -> None:
+def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstable(stack_two: Stack,
+                                                                                  reference: Any) -> None:
     stack = stack_two
+    assert [via for _, via, _ in stack.replica_starts] == ["zygote", "zygote"], stack.replica_starts
     r0 = stack.replica("r0")
     old_pid = r0.process.pid
     r0.process.kill()
@@ -76,7 +89,8 @@ def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstab
                  and admin(stack)["r0"]["state"] == "healthy", 180, "r0 restarted and back in rotation", 0.2)
     print(f"r0 back in rotation {took:.2f}s after the kill was seen")
     assert stack.supervisor is not None
-    assert any(e.program == "r0" and e.kind == "restarted" for e in stack.supervisor.events)
+    assert any(e.program == "r0" and e.kind == "restarted" and "(zygote)" in e.detail for e in stack.supervisor.events)
+    assert stack.replica_starts[-1] == ("r0", "zygote", ""), stack.replica_starts  # forked, not started plainly
     view = admin(stack)["r0"]
     assert view["stability"]["stable"] is False and view["stability"]["incidents"].get("failure") == 1
     assert admin(stack)["r1"]["stability"]["stable"] is True
@@ -84,6 +98,10 @@ def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstab
     assert {chat(stack, "critical") for _ in range(8)} == {(200, "r1")}
     assert requests.post(stack.url + "/admin/replicas/r1/drain", headers=stack.auth_headers(admin=True), timeout=5).status_code == 200
     assert chat(stack, "critical") == (200, "r0")
+    tok, generate = reference  # the forked replica's greedy tokens are transformers' own
+    prompt = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    assert greedy(stack) == ("r0", generate(prompt, 16))
 
 
 def test_standby_takes_the_place_of_a_killed_replica_at_once(stack_standby: Stack) -> None:
