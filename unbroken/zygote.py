@@ -28,6 +28,7 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,7 +135,16 @@ class ZygoteChild:
         self.pid = pid
         self.pidfd = pidfd
         self._conn = conn  # the zygote sends the exit status here
+        self._lock = threading.Lock()  # the supervisor's thread and a caller's may both see the exit
         self.returncode: int | None = None
+
+    def __del__(self) -> None:
+        # Closed only here, never while another thread could be polling it (a closed descriptor's
+        # number may be reused by then).
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
 
     def _exited(self, timeout_s: float | None) -> bool:
         p = select.poll()
@@ -143,18 +153,20 @@ class ZygoteChild:
 
     def _collect(self) -> int:
         """The exit status from the zygote, which reaps the child as soon as it exits."""
-        code = UNKNOWN_EXIT_CODE
-        try:
-            self._conn.settimeout(2.0)
-            data = self._conn.recv(MAX_MESSAGE_BYTES)
-            if data:
-                code = int(ExitReport(**json.loads(data)).exit_code)
-        except (OSError, ValueError, TypeError):
-            pass
-        self._conn.close()
-        os.close(self.pidfd)
-        self.returncode = code
-        return code
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            code = UNKNOWN_EXIT_CODE
+            try:
+                self._conn.settimeout(2.0)
+                data = self._conn.recv(MAX_MESSAGE_BYTES)
+                if data:
+                    code = int(ExitReport(**json.loads(data)).exit_code)
+            except (OSError, ValueError, TypeError):
+                pass
+            self._conn.close()
+            self.returncode = code
+            return code
 
     def poll(self) -> int | None:
         if self.returncode is None and self._exited(0):
