@@ -6,7 +6,8 @@
   died and restarted it is unstable, so critical requests avoid it while the other serves;
 - with one warm standby, a killed replica's place in rotation is taken by the standby within a
   few seconds (the benchmark measures it tightly), and the killed one comes back as the standby;
-- a gateway killed -9 is restarted on its port and serves again.
+- a gateway killed -9 is restarted on its port and serves again; so is the zygote, and the
+  replicas it forked live on.
 """
 
 from __future__ import annotations
@@ -134,3 +135,10 @@ def test_standby_takes_the_place_of_a_killed_replica_at_once(stack_standby: Stac
     assert any(e.program == "gateway" and e.kind == "restarted" for e in stack.supervisor.events)
     # it starts from the configured roles (r0 active, r1 standby): docs/gateway.md, per process
     assert {chat(stack) for _ in range(4)} == {(200, "r0")}
+    # The zygote killed -9 is restarted too; the replicas it forked live on.
+    assert stack.zygote is not None
+    z_pid = stack.zygote.pid
+    stack.zygote.kill()
+    until(lambda: stack.zygote.pid != z_pid and stack.zygote_ready(), 120, "the zygote restarted and ready", 0.2)
+    assert any(e.program == "zygote" and e.kind == "restarted" for e in stack.supervisor.events)
+    assert r0.process.alive() and chat(stack) == (200, "r0")
