@@ -4,7 +4,8 @@
 - a replica killed -9 is restarted by the supervisor, forked by the zygote (``replicas.zygote``),
   and serves again without a person, greedy tokens equal to transformers' generate(); having just
   died and restarted it is unstable, so critical requests avoid it while the other serves;
-- with one warm standby, a killed replica's place in rotation is taken by the standby within a
+- with one warm standby (replicas forked from a zygote that loaded the weights: exact greedy tokens
+  still), a killed replica's place in rotation is taken by the standby within a
   few seconds (the benchmark measures it tightly), and the killed one comes back as the standby;
 - a gateway killed -9 is restarted on its port and serves again; so is the zygote, and the
   replicas it forked live on.
@@ -22,11 +23,13 @@ import pytest
 from loadtest.chaos import running_stack
 from unbroken.launcher import Stack, StackConfig
 from unbroken.procs import http_ok
+from unbroken.zygote import ping
 
 
-def _config(model: Path, count: int, standby: int) -> StackConfig:
+def _config(model: Path, count: int, standby: int, zygote_load_weights: bool = False) -> StackConfig:
     return StackConfig.model_validate({
         "replicas": {"count": count, "standby": standby, "model_path": str(model), "ready_timeout_s": 240,
+                     "zygote_load_weights": zygote_load_weights,
                      "env": {"UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512"}},
         "kvsync": {"enabled": False},
         "gateway": {"port": 0, "env": {"UNBROKEN_GATEWAY__RETRY__HEDGE_CRITICAL": "false"}},
@@ -74,7 +77,8 @@ def stack_two(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
 
 @pytest.fixture
 def stack_standby(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
-    with running_stack(_config(tiny_model_dir, 1, 1), tmp_path / "run", progress=lambda *_: None) as s:
+    with running_stack(_config(tiny_model_dir, 1, 1, zygote_load_weights=True), tmp_path / "run",
+                       progress=lambda *_: None) as s:
         yield s
 
 
@@ -105,8 +109,16 @@ def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstab
     assert greedy(stack) == ("r0", generate(prompt, 16))
 
 
-def test_standby_takes_the_place_of_a_killed_replica_at_once(stack_standby: Stack) -> None:
+def test_standby_takes_the_place_of_a_killed_replica_at_once(stack_standby: Stack, reference: Any) -> None:
     stack = stack_standby
+    # Both were forked from a zygote that loaded the weights, and inherited them: same greedy tokens.
+    assert stack.zygote_socket is not None and ping(stack.zygote_socket).weights_loaded
+    for r in stack.replicas:
+        assert "model inherited from the zygote" in r.process.log_tail(), r.replica_id
+    tok, generate = reference
+    prompt = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    assert greedy(stack) == ("r0", generate(prompt, 16))
     view = admin(stack)
     assert view["r0"]["state"] == "healthy" and view["r1"]["state"] == "standby"
     assert {chat(stack) for _ in range(4)} == {(200, "r0")}  # the standby is never routed to
