@@ -311,6 +311,7 @@ class Zygote:
         os.chdir(request.cwd)
         random.seed()  # not the zygote's (and its siblings') random state
         sys.argv = ["replica", *request.argv]
+        _name_process(request.argv)
         if self.child_main is not None:
             return self.child_main(request.argv)
         print(f"[replica] forked by the zygote (pid {os.getppid()})", flush=True)
@@ -327,6 +328,16 @@ class Zygote:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+
+
+def _name_process(argv: list[str]) -> None:
+    """``top`` and ``ps -o comm`` show ``replica-<id>`` (the command line stays the zygote's)."""
+    rid = argv[argv.index("--replica-id") + 1] if "--replica-id" in argv[:-1] else ""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(("replica-" + rid if rid else "replica")[:15])
+    except OSError:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:

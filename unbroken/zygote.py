@@ -195,7 +195,7 @@ class ZygoteChild:
 
 
 def spawn(path: str | Path, argv: Sequence[str], env: Mapping[str, str], *, cwd: str | Path | None = None,
-          log_path: str | Path | None = None, timeout_s: float = 10.0) -> ZygoteChild:
+          log_path: str | Path | None = None, timeout_s: float = 5.0) -> ZygoteChild:
     """Ask the zygote at ``path`` for a replica; raises :class:`ZygoteUnavailable` (or
     :class:`ZygoteRefused`) when there is none to be had, so the caller starts one plainly."""
     sock = _connect(path, timeout_s)
