@@ -96,6 +96,7 @@ def test_killed_replica_is_restarted_and_critical_requests_avoid_it_while_unstab
     assert stack.supervisor is not None
     assert any(e.program == "r0" and e.kind == "restarted" and "(zygote)" in e.detail for e in stack.supervisor.events)
     assert stack.replica_starts[-1] == ("r0", "zygote", ""), stack.replica_starts  # forked, not started plainly
+    assert stack.supervisor.metrics.starts.labels("r0", "zygote")._value.get() == 1
     view = admin(stack)["r0"]
     assert view["stability"]["stable"] is False and view["stability"]["incidents"].get("failure") == 1
     assert admin(stack)["r1"]["stability"]["stable"] is True
