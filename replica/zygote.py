@@ -84,6 +84,9 @@ def fork_hazard() -> str | None:
 
 WARM_MODULES = ("aiohttp", "torch", "transformers", "replica.__main__", "replica.engine", "replica.server")
 OPTIONAL_WARM_MODULES = ("bitsandbytes", "uvloop", "kvsync.client")
+# bitsandbytes asks a CUDA device for its capability at import, which initialises CUDA: on a
+# machine with one, the children import it themselves, after the fork.
+CUDA_INITIALISING_MODULES = ("bitsandbytes",)
 
 
 def warm_imports(model: str | None) -> None:
@@ -93,7 +96,12 @@ def warm_imports(model: str | None) -> None:
     tqdm.tqdm.monitor_interval = 0  # its monitor thread would make every fork unsafe
     for name in WARM_MODULES:
         importlib.import_module(name)
+    import torch
+
+    cuda_here = torch.cuda.is_available()  # by NVML (PYTORCH_NVML_BASED_CUDA_CHECK): no CUDA init
     for name in OPTIONAL_WARM_MODULES:
+        if cuda_here and name in CUDA_INITIALISING_MODULES:
+            continue
         try:
             importlib.import_module(name)
         except ImportError:
