@@ -30,7 +30,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -80,7 +80,6 @@ class PingReply:
 @dataclass(frozen=True)
 class ExitReport:
     exit_code: int  # as ``Popen.returncode``: negative for a signal
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def encode(message: Any) -> bytes:
@@ -122,9 +121,10 @@ def ping(path: str | Path, timeout_s: float = 1.0) -> PingReply:
             data = sock.recv(MAX_MESSAGE_BYTES)
         except OSError as e:
             raise ZygoteUnavailable(f"ping failed: {e}") from None
-    if not data:
-        raise ZygoteUnavailable("the zygote closed the connection")
-    return PingReply(**json.loads(data))
+    try:
+        return PingReply(**json.loads(data))
+    except (ValueError, TypeError):
+        raise ZygoteUnavailable(f"not a ping reply: {data[:200]!r}") from None
 
 
 class ZygoteChild:
@@ -211,12 +211,10 @@ def spawn(path: str | Path, argv: Sequence[str], env: Mapping[str, str], *, cwd:
     except OSError as e:
         sock.close()
         raise ZygoteUnavailable(f"spawn failed: {type(e).__name__}: {e}") from None
-    if not data:
-        sock.close()
-        for fd in fds:
-            os.close(fd)
-        raise ZygoteUnavailable("the zygote closed the connection")
-    reply = SpawnReply(**json.loads(data))
+    try:
+        reply = SpawnReply(**json.loads(data))
+    except (ValueError, TypeError):  # nothing (the zygote closed the connection), or not a reply
+        reply = SpawnReply(error=f"not a spawn reply: {data[:200]!r}")
     if reply.refused or reply.error or not reply.pid or not fds:
         sock.close()
         for fd in fds:

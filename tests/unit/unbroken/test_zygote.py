@@ -3,7 +3,8 @@
 
 - a child gets its argv, its environment (a secret never on any argv) and its log file; the
   caller sees its exit (SIGTERM, kill -9) and status through the pidfd, like a process it started;
-- a zygote that is absent, or refuses because it has a thread, leaves the caller to start plainly;
+- a zygote that is absent, answers nonsense, or refuses because it has a thread, leaves the caller
+  to start plainly;
   a refusing zygote exits with status 3.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import textwrap
 import time
 from pathlib import Path
@@ -117,6 +120,27 @@ def test_without_a_ready_zygote_the_start_is_plain(tmp_path: Path) -> None:
     assert child.started_via == "plain" and "not ready" in child.fallback_reason
     assert child.proc.wait(timeout=30) == 0  # type: ignore[union-attr]
     assert (tmp_path / "c0.log").read_text().strip() == "plain"
+
+
+def test_a_zygote_that_answers_nonsense_leaves_a_plain_start(tmp_path: Path) -> None:
+    path = tmp_path / "odd.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(str(path))
+        server.listen(1)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1 << 20)
+                conn.send(b"not json")
+
+        t = threading.Thread(target=answer)
+        t.start()
+        child = ForkedProcess("c0", [sys.executable, "-c", "pass"], child_argv=[], zygote_socket=path)
+        child.start()
+        t.join(10)
+    assert child.started_via == "plain" and "not a spawn reply" in child.fallback_reason
+    assert child.proc.wait(timeout=30) == 0  # type: ignore[union-attr]
 
 
 def test_a_zygote_with_a_thread_refuses_to_fork_and_exits_3(tmp_path: Path) -> None:
