@@ -1,12 +1,14 @@
 """``unbroken up``: the whole local stack in one command, and :class:`Stack`, the same as a class.
 
-Starts, in order: a redis-server of its own on a free port (unless ``redis.url`` is set), the
-tiny model at ``replicas.model_path`` when that directory is missing, N replicas on free ports
+Starts, in order: the tiny model at ``replicas.model_path`` when that directory is missing, the
+zygote (``replicas.zygote``: ``python -m replica.zygote``, which forks the replicas once it has
+imported torch and read the checkpoint; docs/supervisor.md), a redis-server of its own on a free
+port (unless ``redis.url`` is set), N replicas on free ports
 (each with a kvsync sidecar when the kvsync package exists and ``kvsync.enabled``), optionally a
 fault proxy in front of each replica, then the gateway pointed at the replicas (or their proxies).
 It waits until every replica answers ``/health`` and the gateway ``/readyz``, prints the URL and a
 curl example, and on Ctrl-C / SIGTERM stops everything it started, by pid: gateway, replicas and
-sidecars first, Redis last. Every process logs to ``<run_dir>/<name>.log``.
+sidecars first, then the zygote, Redis last. Every process logs to ``<run_dir>/<name>.log``.
 
 Secure by default (``security.auth``): on first run it makes an API key, an admin key, a replica
 token, a sidecar token, a kvsync HMAC secret, a session secret and a Redis password
