@@ -18,17 +18,20 @@ fork the zygote checks that it has one Python thread and one OS thread (``/proc/
 that CUDA is not initialised. Where it cannot be safe it refuses (``--load-weights`` on a CUDA
 device is refused at start) and exits with status 3; callers then start replicas plainly.
 Numeric libraries start their thread pools at import unless told one thread, so the zygote sets
-``OMP_NUM_THREADS`` (and friends) to 1 when they are unset; a child sets its own torch thread count
-(``model.num_threads``) when it loads.
+``OMP_NUM_THREADS`` (and friends) to 1 for itself, whatever it was given; a child sets its torch
+thread count from its own ``OMP_NUM_THREADS`` (else the CPU count) after the fork, and from
+``model.num_threads`` when it loads, as a plain start would.
 """
 
 from __future__ import annotations
 
 import os
 
-# Before numpy or torch is imported: one thread each, or their pools make every fork unsafe.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# Before numpy or torch is imported: one thread each, or their pools make every fork unsafe (and
+# a fork after an OpenMP parallel region can hang the child). A child sets its own thread count.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+for _var in THREAD_VARS:
+    os.environ[_var] = "1"
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without cuInit
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -142,7 +145,8 @@ def load_weights(args: argparse.Namespace) -> str:
     if config.model.device == "cuda" or (config.model.device == "auto" and torch.cuda.is_available()):
         return "--load-weights on a CUDA device (a forked child cannot use its parent's CUDA tensors)"
     assert resolve_device(config.model.device).type == "cpu"
-    keep_loaded(config.model, load_model(config.model, _progress))
+    one_thread = config.model.model_copy(update={"num_threads": 1})  # more would start a thread pool
+    keep_loaded(config.model, load_model(one_thread, _progress))
     return ""
 
 
@@ -318,6 +322,7 @@ class Zygote:
         os.environ.update(request.env)
         os.chdir(request.cwd)
         random.seed()  # not the zygote's (and its siblings') random state
+        _set_threads(request.env)
         sys.argv = ["replica", *request.argv]
         _name_process(request.argv)
         if self.child_main is not None:
@@ -336,6 +341,15 @@ class Zygote:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+
+
+def _set_threads(env: dict[str, str]) -> None:
+    """The child's torch threads, as its environment would give a plain start (the zygote has one)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    wanted = env.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else (os.cpu_count() or 1))
 
 
 def _name_process(argv: list[str]) -> None:

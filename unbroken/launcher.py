@@ -451,7 +451,7 @@ class Stack:
         env = dict(cfg.env)  # what the replicas see, less their secrets (the zygote needs none)
         if cfg.num_threads:
             env.setdefault("UNBROKEN_REPLICA__MODEL__NUM_THREADS", str(cfg.num_threads))
-            env.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
+        # (the zygote itself runs with one thread whatever OMP_NUM_THREADS says; each child sets its own)
         return ManagedProcess("zygote", python_module_cmd("replica.zygote", *args), log_path=self._log("zygote"),
                               env=env)
 
