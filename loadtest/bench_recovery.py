@@ -1,6 +1,8 @@
-"""Benchmark: recovery from a replica killed with -9 under load, with and without a warm standby.
+"""Benchmark: recovery from a replica killed with -9 under load: a fresh start, a start forked from
+the zygote, and a warm standby.
 
-For each mode (no standby, then ``--standby 1``) a local stack is started (``unbroken up``'s
+For each mode (no standby and no zygote: a fresh ``python -m replica``; no standby, replicas forked
+from the zygote; ``--standby 1``) a local stack is started (``unbroken up``'s
 :class:`~unbroken.launcher.Stack`, supervisor on) with ``--replicas`` replicas in rotation. In the
 same run the stack's capacity is calibrated first: closed-loop streams at ``--concurrency`` for
 ``--calibrate-s`` seconds give the maximal requests/s. Then streams arrive open-loop at
@@ -13,8 +15,10 @@ Printed per mode: detection time (kill -> the gateway marks r0 not healthy), tim
 p99 TTFT in steady state (requests started before the kill) and during recovery (started between
 the kill and full capacity, at least ``--recovery-window-min-s``), failed requests, and streams
 whose greedy tokens differ from the reference (lost or repeated tokens). Before the stacks, a
-replica's start is timed cold (its checkpoint's pages dropped from the page cache with
-``posix_fadvise(DONTNEED)``, for its own files only) and warm (right after), to /health 200.
+replica's start is timed to /health 200 four ways: cold (its checkpoint's pages dropped from the
+page cache with ``posix_fadvise(DONTNEED)``, for its own files only), warm (right after), forked
+from a ready zygote (``python -m replica.zygote``: imports done, checkpoint read), and forked from
+a zygote that loaded the weights (``--load-weights``: the child inherits them).
 
 Targets: 0 failed; with standby, full capacity <= 1 s after the kill; without, <= the replica's
 load time + 1 s.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +45,7 @@ import orjson
 
 from unbroken.launcher import Stack, StackConfig
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd
+from unbroken.zygote import ForkedProcess, ZygoteUnavailable, ping
 
 PROMPT = [{"role": "user", "content": "Tell me a story about a robot."}]
 
@@ -212,17 +218,53 @@ def time_replica_start(model: Path, run_dir: Path, cold: bool) -> float:
         p.stop(10)
 
 
-def run_mode(args: argparse.Namespace, model: Path, run_dir: Path, standby: int) -> dict[str, Any]:
+def time_forked_start(model: Path, run_dir: Path, load_weights: bool) -> float:
+    """A zygote is started and waited for (not timed); then a replica forked from it, to /health 200."""
+    name = "forked-weights" if load_weights else "forked"
+    sock = Path(tempfile.mkdtemp(prefix="bench-zygote-")) / "z.sock"
+    env = {"OMP_NUM_THREADS": "1"}
+    zygote = ManagedProcess(f"zygote-{name}", python_module_cmd(
+        "replica.zygote", "--socket", str(sock), "--model", str(model), *(["--load-weights"] if load_weights else [])),
+        log_path=run_dir / f"zygote-{name}.log", env=env).start()
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                ping(sock)
+                break
+            except ZygoteUnavailable:
+                if not zygote.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the zygote did not get ready:\n{zygote.log_tail()}") from None
+                time.sleep(0.05)
+        port = free_port()
+        argv = ["--model", str(model), "--port", str(port), "--host", "127.0.0.1", "--replica-id", name]
+        p = ForkedProcess(f"start-{name}", python_module_cmd("replica", *argv), child_argv=argv, zygote_socket=sock,
+                          log_path=run_dir / f"start-{name}.log", env=env, ready_url=f"http://127.0.0.1:{port}/health")
+        t0 = time.monotonic()
+        p.start()
+        try:
+            assert p.started_via == "zygote", p.fallback_reason
+            p.wait_ready(300)
+            return time.monotonic() - t0
+        finally:
+            p.stop(10)
+    finally:
+        zygote.stop(10)
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def run_mode(args: argparse.Namespace, model: Path, run_dir: Path, standby: int, zygote: bool) -> dict[str, Any]:
     config = StackConfig.model_validate({
         "replicas": {"count": args.replicas, "standby": standby, "model_path": str(model),
-                     "ready_timeout_s": 300},
+                     "ready_timeout_s": 300, "zygote": zygote},
         "kvsync": {"enabled": args.kvsync},
         "gateway": {"port": 0},
         "run": {"stop_timeout_s": 10},
         # The clients and the capacity watch speak plain HTTP on loopback: no keys to pass around.
         "security": {"auth": False},
     })
-    with Stack(config, run_dir=run_dir / f"standby-{standby}", progress=lambda *_: None) as stack:
+    mode = f"standby {standby}" if standby else ("zygote" if zygote else "fresh start")
+    with Stack(config, run_dir=run_dir / mode.replace(" ", "-"), progress=lambda *_: None) as stack:
         ref = asyncio.run(_one(stack.url, args.max_tokens))
         assert ref.ok, ref.error
         max_rps = asyncio.run(calibrate(stack.url, args.concurrency, args.calibrate_s, args.max_tokens))
@@ -233,6 +275,7 @@ def run_mode(args: argparse.Namespace, model: Path, run_dir: Path, standby: int)
                                                     args.max_s, args.replicas, watch))
         finally:
             watch.stop()
+        restarts = [via for rid, via, _ in stack.replica_starts[args.replicas + standby:] if rid == "r0"]
     detected = watch.detected_at(t_kill, "r0")
     full = watch.full_at(detected, args.replicas) if detected is not None else None
     rec_end = max(full or t_kill, t_kill + args.recovery_window_min_s)
@@ -240,7 +283,7 @@ def run_mode(args: argparse.Namespace, model: Path, run_dir: Path, standby: int)
     during = [r.ttft_s for r in records if r.ok and t_kill <= r.t_start <= rec_end and r.ttft_s is not None]
     failed = [r for r in records if not r.ok]
     mismatched = [r for r in records if r.ok and r.token_ids != ref.token_ids]
-    return {"standby": standby, "max_rps": max_rps, "rate": rate, "requests": len(records),
+    return {"mode": mode, "restarted_via": ",".join(restarts) or "-", "standby": standby, "max_rps": max_rps, "rate": rate, "requests": len(records),
             "failed": len(failed), "errors": sorted({r.error for r in failed})[:3],
             "mismatched_streams": len(mismatched),
             "detection_s": None if detected is None else detected - t_kill,
@@ -282,28 +325,33 @@ def main(argv: list[str] | None = None) -> int:
             model = write_tiny_model(run_dir / "tiny-qwen", shape="tiny", seed=0)
         cold_s = time_replica_start(model, run_dir, cold=True)
         warm_s = time_replica_start(model, run_dir, cold=False)
-        print(f"replica start to /health 200: cold {cold_s:.2f} s, warm (page cache) {warm_s:.2f} s "
-              f"({cold_s / warm_s:.2f}x)", flush=True)
-        results = [run_mode(args, model, run_dir, standby) for standby in (0, 1)]
-    print("\n| standby | max req/s | load req/s | requests | failed | streams with lost/repeated tokens "
-          "| detection (s) | time to full capacity (s) | p99 TTFT steady (s) | p99 TTFT recovery (s) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        forked_s = time_forked_start(model, run_dir, load_weights=False)
+        weights_s = time_forked_start(model, run_dir, load_weights=True)
+        print(f"replica start to /health 200: cold {cold_s:.2f} s, warm (page cache) {warm_s:.2f} s, "
+              f"forked from the zygote {forked_s:.2f} s, forked with the weights {weights_s:.2f} s", flush=True)
+        print(f"  cold / warm {cold_s / warm_s:.2f}x; warm / forked {warm_s / forked_s:.1f}x; "
+              f"warm / forked with the weights {warm_s / weights_s:.1f}x", flush=True)
+        results = [run_mode(args, model, run_dir, standby, zygote)
+                   for standby, zygote in ((0, False), (0, True), (1, True))]
+    print("\n| mode | r0 restarted | max req/s | load req/s | requests | failed | streams with lost/repeated "
+          "tokens | detection (s) | time to full capacity (s) | p99 TTFT steady (s) | p99 TTFT recovery (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['standby']} | {r['max_rps']:.2f} | {r['rate']:.2f} | {r['requests']} | {r['failed']} "
-              f"| {r['mismatched_streams']} | {_fmt(r['detection_s'])} | {_fmt(r['full_capacity_s'])} "
-              f"| {_fmt(r['ttft_p99_steady_s'])} | {_fmt(r['ttft_p99_recovery_s'])} |")
+        print(f"| {r['mode']} | {r['restarted_via']} | {r['max_rps']:.2f} | {r['rate']:.2f} | {r['requests']} "
+              f"| {r['failed']} | {r['mismatched_streams']} | {_fmt(r['detection_s'])} "
+              f"| {_fmt(r['full_capacity_s'])} | {_fmt(r['ttft_p99_steady_s'])} | {_fmt(r['ttft_p99_recovery_s'])} |")
         if r["errors"]:
-            print(f"  errors (standby {r['standby']}): {r['errors']}")
-    without, with_ = results
-    if without["full_capacity_s"] and with_["full_capacity_s"]:
-        print(f"\ntime to full capacity with standby / without: "
-              f"{with_['full_capacity_s'] / without['full_capacity_s']:.3f}x")
+            print(f"  errors ({r['mode']}): {r['errors']}")
+    f_s, z_s, s_s = (r["full_capacity_s"] for r in results)
+    if f_s and z_s and s_s:
+        print(f"\ntime to full capacity: zygote / fresh start {z_s / f_s:.3f}x ({f_s / z_s:.1f}x faster); "
+              f"standby / fresh start {s_s / f_s:.3f}x; standby / zygote {s_s / z_s:.3f}x")
     ok = all(r["failed"] == 0 and r["mismatched_streams"] == 0 for r in results)
-    ok_standby = with_["full_capacity_s"] is not None and with_["full_capacity_s"] <= 1.0
-    ok_plain = without["full_capacity_s"] is not None and without["full_capacity_s"] <= warm_s + 1.0
+    ok_standby = s_s is not None and s_s <= 1.0
+    ok_plain = z_s is not None and z_s <= warm_s + 1.0
     print(f"targets: 0 failed and exact tokens: {'met' if ok else 'MISSED'}; standby <= 1 s: "
-          f"{'met' if ok_standby else 'MISSED'}; without <= load time ({warm_s:.2f} s) + 1 s: "
-          f"{'met' if ok_plain else 'MISSED'}")
+          f"{'met' if ok_standby else 'MISSED'}; without a standby (zygote) <= load time ({warm_s:.2f} s) + 1 s: "
+          f"{'met' if ok_plain else 'MISSED'} (fresh start: {_fmt(f_s)} s)")
     return 0
 
 

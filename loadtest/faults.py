@@ -28,6 +28,7 @@ from typing import Any
 from loadtest.faultproxy import FaultSafetyError, FaultSpec, require_loopback
 from unbroken.launcher import ReplicaHandle, Stack
 from unbroken.procs import ManagedProcess
+from unbroken.zygote import ZygoteChild
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,22 @@ class FaultInjector:
     # -- safety ----------------------------------------------------------------------------------
 
     def _check_owned(self, proc: ManagedProcess | None, what: str) -> ManagedProcess:
-        """Refuse any process the stack did not start, or that is no longer its child."""
+        """Refuse any process the stack did not start, or that is no longer its child (or its zygote's)."""
         if proc is None or proc.proc is None:
             raise FaultSafetyError(f"refusing fault on {what}: the stack did not start it")
         if not any(proc is p for p in self.stack.processes()) or proc.pid not in self.stack.owned_pids():
             raise FaultSafetyError(f"refusing fault on {what}: pid {proc.pid} is not owned by the stack")
-        if proc.alive() and _parent_pid(proc.pid) != os.getpid():
-            raise FaultSafetyError(f"refusing fault on {what}: pid {proc.pid} is not a child of this process")
+        if proc.alive() and _parent_pid(proc.pid) != os.getpid() and not self._forked_by_our_zygote(proc):
+            raise FaultSafetyError(f"refusing fault on {what}: pid {proc.pid} is not a child of this process "
+                                   "(nor one the stack's zygote forked)")
         return proc
+
+    @staticmethod
+    def _forked_by_our_zygote(proc: ManagedProcess) -> bool:
+        """A replica forked by the stack's zygote is the zygote's child, not ours; it is held through a
+        pidfd, so a signal reaches exactly it (never a reused pid), and the checks above made sure the
+        stack started it."""
+        return isinstance(proc.proc, ZygoteChild)
 
     def _signal(self, proc: ManagedProcess, sig: int, what: str) -> None:
         self._check_owned(proc, what)

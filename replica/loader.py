@@ -80,13 +80,31 @@ def _choose_cpu_nf4_kernel(model: Any, bf16: bool) -> str:
     return ""
 
 
-def load_model(cfg: ModelSection, progress: Callable[[str], None] = print) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+_kept: tuple[dict[str, Any], LoadedModel] | None = None
 
+
+def _weights_key(cfg: ModelSection) -> dict[str, Any]:
+    return cfg.model_dump(exclude={"num_threads"})  # threads do not change the weights
+
+
+def keep_loaded(cfg: ModelSection, loaded: LoadedModel) -> None:
+    """The zygote (``replica/zygote.py --load-weights``) keeps the model it loaded: a forked child
+    whose ``model`` section equals ``cfg`` (but for ``num_threads``) gets it from :func:`load_model`
+    (copy-on-write pages)."""
+    global _kept
+    _kept = (_weights_key(cfg), loaded)
+
+
+def load_model(cfg: ModelSection, progress: Callable[[str], None] = print) -> LoadedModel:
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
+    if _kept is not None and _kept[0] == _weights_key(cfg):
+        progress("model inherited from the zygote (copy-on-write)")
+        return _kept[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dtype = resolve_dtype(cfg.dtype, device)
     progress(f"loading tokenizer from {cfg.path}")
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     kwargs: dict[str, Any] = {"dtype": dtype}

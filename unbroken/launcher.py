@@ -1,12 +1,14 @@
 """``unbroken up``: the whole local stack in one command, and :class:`Stack`, the same as a class.
 
-Starts, in order: a redis-server of its own on a free port (unless ``redis.url`` is set), the
-tiny model at ``replicas.model_path`` when that directory is missing, N replicas on free ports
+Starts, in order: the tiny model at ``replicas.model_path`` when that directory is missing, the
+zygote (``replicas.zygote``: ``python -m replica.zygote``, which forks the replicas once it has
+imported torch and read the checkpoint; docs/supervisor.md), a redis-server of its own on a free
+port (unless ``redis.url`` is set), N replicas on free ports
 (each with a kvsync sidecar when the kvsync package exists and ``kvsync.enabled``), optionally a
 fault proxy in front of each replica, then the gateway pointed at the replicas (or their proxies).
 It waits until every replica answers ``/health`` and the gateway ``/readyz``, prints the URL and a
 curl example, and on Ctrl-C / SIGTERM stops everything it started, by pid: gateway, replicas and
-sidecars first, Redis last. Every process logs to ``<run_dir>/<name>.log``.
+sidecars first, then the zygote, Redis last. Every process logs to ``<run_dir>/<name>.log``.
 
 Secure by default (``security.auth``): on first run it makes an API key, an admin key, a replica
 token, a sidecar token, a kvsync HMAC secret, a session secret and a Redis password
@@ -25,8 +27,10 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from unbroken.config import ConfigError, Section, load_config
 from unbroken.credentials import StackSecrets, load_or_create, redact_url, write_private_file
 from unbroken.procs import ManagedProcess, free_port, http_ok, python_module_cmd, start_redis
 from unbroken.supervisor.policy import SupervisorSection
+from unbroken.zygote import REFUSED_EXIT_CODE, ForkedProcess, ZygoteUnavailable, ping
 
 
 class ReplicaProxy(Protocol):
@@ -83,6 +88,15 @@ class ReplicasSection(Section):
     num_threads: int = Field(1, ge=0, description="torch CPU threads per replica (0 = torch's default).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every replica "
                                                                   "(e.g. UNBROKEN_REPLICA__ENGINE__MAX_NUM_SEQS).")
+    zygote: bool = Field(True, description="Start replicas by forking them from a zygote (python -m replica.zygote: "
+                                           "imports done and the checkpoint in the page cache), supervised like the "
+                                           "rest; a start falls back to a plain one while it is not ready or when it "
+                                           "refuses (docs/supervisor.md). unbroken up --no-zygote = off.")
+    zygote_load_weights: bool = Field(False, description="The zygote also loads the model and the replicas "
+                                                         "inherit it copy-on-write (CPU only; the zygote holds a "
+                                                         "copy of the model while it runs).")
+    zygote_ready_timeout_s: float = Field(60.0, gt=0, description="Longest wait at start for the zygote to be "
+                                                                  "ready before the replicas start plainly.")
 
 
 class KVSyncSection(Section):
@@ -200,6 +214,10 @@ class Stack:
         self.supervisor: "Supervisor | None" = None
         self.gateways: list[ManagedProcess] = []
         self.gateway_ports: list[int] = []
+        self.zygote: ManagedProcess | None = None
+        self.zygote_socket: Path | None = None
+        self._zygote_dir: Path | None = None
+        self.replica_starts: list[tuple[str, str, str]] = []  # (replica, "zygote" | "plain", why plain)
         self._lock = threading.RLock()
 
     # -- properties ------------------------------------------------------------------------------
@@ -245,6 +263,8 @@ class Stack:
             procs.append(r.process)
             if r.kvsync is not None:
                 procs.append(r.kvsync)
+        if self.zygote is not None:
+            procs.append(self.zygote)
         if self.redis is not None:
             procs.append(self.redis)
         return procs
@@ -266,8 +286,12 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.load_secrets()
-            self._start_redis()
             self._ensure_model()
+            if self.config.replicas.zygote:
+                self._start_zygote()
+            self._start_redis()
+            if self.zygote is not None:
+                self.wait_zygote(self.config.replicas.zygote_ready_timeout_s)
             for i in range(self.config.replicas.count + self.config.replicas.standby):
                 self._start_replica(i).standby = i >= self.config.replicas.count
             for r in self.replicas:
@@ -300,6 +324,10 @@ class Stack:
                 r.kvsync.stop(timeout_s)
             if r.proxy is not None:
                 r.proxy.stop()
+        if self.zygote is not None:  # after the replicas: it is the parent of those it forked
+            self.zygote.stop(timeout_s)
+        if self._zygote_dir is not None:
+            shutil.rmtree(self._zygote_dir, ignore_errors=True)
         if self.redis is not None:
             self.redis.stop(timeout_s)
 
@@ -326,6 +354,7 @@ class Stack:
             "gateway_urls": self.urls,
             "gateway_pids": [g.pid if g.proc else None for g in self.gateways],
             "redis_pid": self.redis.pid if self.redis and self.redis.proc else None,
+            "zygote_pid": self.zygote.pid if self.zygote and self.zygote.proc else None,
             "replicas": [
                 {"replica_id": r.replica_id, "url": r.direct_url, "gateway_url": r.url,
                  "pid": r.process.pid if r.process.proc else None, "standby": r.standby,
@@ -390,10 +419,82 @@ class Stack:
         if cfg.announce_in_redis and self.redis_url:
             env["UNBROKEN_REPLICA__REGISTRY__REDIS_URL"] = _env_str(self.redis_url)
             env.setdefault("UNBROKEN_REPLICA__REGISTRY__ADVERTISE_URL", advertise_url)
-        return ManagedProcess(
-            replica_id, python_module_cmd("replica", *args), log_path=self._log(replica_id), env=env,
+        zygote_ok = self.zygote is not None and self.zygote.alive()
+        return ForkedProcess(
+            replica_id, python_module_cmd("replica", *args), child_argv=args,
+            zygote_socket=self.zygote_socket if zygote_ok else None, log_path=self._log(replica_id), env=env,
             ready_url=f"http://{LOOPBACK}:{port}/health",
         )
+
+    def _launch_replica(self, proc: ForkedProcess) -> ForkedProcess:
+        """Start a replica (forked by the zygote, or plainly) and note which way it went."""
+        proc.start()
+        why = proc.fallback_reason if self.config.replicas.zygote else "zygote off"
+        self.replica_starts.append((proc.name, proc.started_via, "" if proc.started_via == "zygote" else why))
+        if proc.started_via != "zygote" and self.config.replicas.zygote:
+            self.progress(f"replica    {proc.name} started plainly (zygote: {why})")
+        return proc
+
+    # -- the zygote ------------------------------------------------------------------------------
+
+    def _zygote_process(self) -> ManagedProcess:
+        cfg = self.config.replicas
+        if self._zygote_dir is None:  # a short private path: a unix socket's path has at most 107 bytes
+            self._zygote_dir = Path(tempfile.mkdtemp(prefix="unbroken-zygote-"))
+            self.zygote_socket = self._zygote_dir / "zygote.sock"
+        args = ["--socket", str(self.zygote_socket), "--model", str(self.model_path),
+                "--quantization", cfg.quantization]
+        if cfg.zygote_load_weights:
+            args.append("--load-weights")
+        if cfg.config_path:
+            args += ["--config", cfg.config_path]
+        env = dict(cfg.env)  # what the replicas see, less their secrets (the zygote needs none)
+        if cfg.num_threads:
+            env.setdefault("UNBROKEN_REPLICA__MODEL__NUM_THREADS", str(cfg.num_threads))
+        # (the zygote itself runs with one thread whatever OMP_NUM_THREADS says; each child sets its own)
+        return ManagedProcess("zygote", python_module_cmd("replica.zygote", *args), log_path=self._log("zygote"),
+                              env=env)
+
+    def _start_zygote(self) -> None:
+        self.zygote = self._zygote_process().start()
+        self.progress(f"zygote     {self.zygote_socket} (pid {self.zygote.pid})")
+
+    def restart_zygote(self) -> None:
+        """Start the zygote again (after it exited); replicas start plainly until it is ready."""
+        with self._lock:
+            if self.zygote is not None and self.zygote.alive():
+                self.zygote.stop(self.config.run.stop_timeout_s)
+            self._start_zygote()
+
+    @property
+    def zygote_refused(self) -> bool:
+        """The zygote exited with status 3: forks cannot be safe here (CUDA, threads)."""
+        z = self.zygote
+        return z is not None and z.proc is not None and z.proc.poll() == REFUSED_EXIT_CODE
+
+    def zygote_ready(self) -> bool:
+        if self.zygote is None or self.zygote_socket is None or not self.zygote.alive():
+            return False
+        try:
+            ping(self.zygote_socket)
+            return True
+        except ZygoteUnavailable:
+            return False
+
+    def wait_zygote(self, timeout_s: float) -> bool:
+        """Wait until the zygote answers (or exits, or ``timeout_s``); False: replicas start plainly."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.zygote_ready():
+                return True
+            if self.zygote is None or not self.zygote.alive():
+                code = self.zygote.proc.returncode if self.zygote and self.zygote.proc else None
+                what = "refused to fork (status 3)" if code == REFUSED_EXIT_CODE else f"exited with {code}"
+                self.progress(f"zygote     {what}; replicas start plainly (see {self._log('zygote')})")
+                return False
+            time.sleep(0.05)
+        self.progress(f"zygote     not ready after {timeout_s:.0f}s; replicas start plainly")
+        return False
 
     def _replica_secret_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -428,8 +529,8 @@ class Stack:
         if self.config.fault_proxy.enabled:
             assert self.proxy_factory is not None
             handle.proxy = self.proxy_factory(handle.port, f"proxy-{replica_id}")
-        handle.process = self._replica_process(index, replica_id, handle.port, handle.kvsync_port,
-                                               handle.url).start()
+        handle.process = self._launch_replica(self._replica_process(index, replica_id, handle.port,
+                                                                    handle.kvsync_port, handle.url))
         self.progress(f"replica    {replica_id} {handle.direct_url} (pid {handle.process.pid})"
                       + (f" via proxy {handle.proxy.url}" if handle.proxy else "")
                       + (f", kvsync :{handle.kvsync_port} (pid {handle.kvsync.pid})" if handle.kvsync else ""))
@@ -446,7 +547,8 @@ class Stack:
             r = self.replica(which)
             if r.process.alive():
                 r.process.stop(self.config.run.stop_timeout_s)
-            r.process = self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port, r.url).start()
+            r.process = self._launch_replica(self._replica_process(r.index, r.replica_id, r.port, r.kvsync_port,
+                                                                   r.url))
             self.restart_kvsync(r.replica_id)
         if wait:
             self._wait_replica(r)
@@ -561,6 +663,8 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
     parser.add_argument("--standby", type=int, help="warm standby replicas (out of rotation until promoted)")
     parser.add_argument("--no-supervise", dest="supervise", action="store_false", default=None,
                         help="do not restart replicas that exit or stay unhealthy")
+    parser.add_argument("--no-zygote", dest="zygote", action="store_false", default=None,
+                        help="start replicas plainly (python -m replica), not forked from a warm zygote")
     parser.add_argument("--supervisor-metrics-port", type=int, default=0,
                         help="serve the supervisor's Prometheus metrics on 127.0.0.1:PORT")
     parser.add_argument("--run-dir", help="logs and stack.json go here (default: runs/stack-TIME)")
@@ -570,6 +674,7 @@ def main(argv: list[str] | None = None, proxy_factory: ProxyFactory | None = Non
             "replicas.count": args.replicas, "gateway.port": args.port, "gateway.count": args.gateways,
             "replicas.model_path": args.model, "fault_proxy.enabled": args.fault_proxies,
             "replicas.standby": args.standby, "supervisor.enabled": args.supervise,
+            "replicas.zygote": args.zygote,
         })
     except ConfigError as e:
         print(f"unbroken up: {e}", file=sys.stderr)

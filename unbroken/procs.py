@@ -96,13 +96,15 @@ class ManagedProcess:
         raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` through the process handle: ``Popen`` signals only a child not yet reaped, a
+        zygote's child (``unbroken.zygote.ZygoteChild``) goes through its pidfd; never a reused pid."""
         if self.alive():
-            os.kill(self.pid, sig)
+            self.proc.send_signal(sig)  # type: ignore[union-attr]
 
     def kill(self) -> None:
         """kill -9, and reap."""
         if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
+            self.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
             self.proc.wait(timeout=10)  # type: ignore[union-attr]
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
@@ -111,8 +113,8 @@ class ManagedProcess:
             return None
         if self.alive():
             try:
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()

@@ -38,6 +38,8 @@ class SupervisorMetrics:
                                 "unhealthy, by program and reason.", ["program", "reason"], registry=r)
         self.restarts = Counter(PREFIX + "restarts", "Programs started again by the supervisor.", ["program"],
                                 registry=r)
+        self.starts = Counter(PREFIX + "starts", "Restarts by the way they went: forked by the zygote, or a plain "
+                              "start (no zygote, not ready, or it refused).", ["program", "via"], registry=r)
         self.crash_loops = Counter(PREFIX + "crash_loops", "Programs left down after too many failures.",
                                    ["program"], registry=r)
 

@@ -32,8 +32,9 @@ class Target(Protocol):
 
     def kill(self) -> None: ...
 
-    def start(self) -> None:
-        """Start it (again); must not wait for it to be ready."""
+    def start(self) -> str | None:
+        """Start it (again); must not wait for it to be ready. Returns how it was started (a replica:
+        ``"zygote"`` or ``"plain"``), counted in ``unbroken_supervisor_starts_total``; None = plain."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class CommandTarget:
     def kill(self) -> None:
         self.process.kill()
 
-    def start(self) -> None:
+    def start(self) -> str | None:
         self.process.start()
+        return None
 
     def stop(self, timeout_s: float) -> None:
         self.process.stop(timeout_s)
@@ -181,9 +183,10 @@ class Supervisor:
             self._event(name, "crash_loop", f"{len(policy.failures_s)} failures within "
                         f"{self.config.crash_loop_window_s:.0f}s (last: {reason}); left down")
         elif decision is Decision.RESTART:
-            target.start()
+            via = target.start() or "plain"
             with self._lock:
                 policy.started(time.monotonic())
             self.metrics.restarts.labels(name).inc()
-            self._event(name, "restarted", f"restart {policy.num_restarts}")
+            self.metrics.starts.labels(name, via).inc()
+            self._event(name, "restarted", f"restart {policy.num_restarts} ({via})")
         return decision

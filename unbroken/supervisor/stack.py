@@ -1,5 +1,5 @@
 """The supervisor over a local :class:`~unbroken.launcher.Stack`: one program per replica, one per
-kvsync sidecar and one per gateway process. A replica restarts on its own port
+kvsync sidecar, one per gateway process and the zygote (``replicas.zygote``). A replica restarts on its own port
 (``Stack.restart_replica``), so the gateway's heartbeat finds it there and takes it back (as the
 standby when a standby was promoted in its place). A gateway restarts on its own port too
 (``Stack.restart_gateway``): clients of ``unbroken.client`` moved to another gateway meanwhile, and
@@ -31,6 +31,13 @@ class Stack(Protocol):
 
     def restart_gateway(self, wait: bool = True, index: int = 0) -> None: ...
 
+    zygote: Any  # ManagedProcess or None (replicas.zygote)
+
+    @property
+    def zygote_refused(self) -> bool: ...
+
+    def restart_zygote(self) -> None: ...
+
 
 class ReplicaTarget:
     def __init__(self, stack: "Stack", replica_id: str) -> None:
@@ -46,9 +53,10 @@ class ReplicaTarget:
     def kill(self) -> None:
         self.stack.replica(self.name).process.kill()
 
-    def start(self) -> None:
+    def start(self) -> str | None:
         if not self.alive():  # someone (a test, a fault's heal) may have started it already
-            self.stack.restart_replica(self.name, wait=False)
+            return str(self.stack.restart_replica(self.name, wait=False).process.started_via)
+        return None
 
 
 class KVSyncTarget:
@@ -73,8 +81,9 @@ class KVSyncTarget:
         if p is not None:
             p.kill()
 
-    def start(self) -> None:
+    def start(self) -> str | None:
         self.stack.restart_kvsync(self.replica_id)
+        return None
 
 
 class GatewayTarget:
@@ -95,9 +104,35 @@ class GatewayTarget:
     def kill(self) -> None:
         self.stack.gateways[self.index].kill()
 
-    def start(self) -> None:
+    def start(self) -> str | None:
         if not self.alive():  # a fault's heal may have started it already
             self.stack.restart_gateway(wait=False, index=self.index)
+        return None
+
+
+class ZygoteTarget:
+    """The zygote (``replicas.zygote``), healthy while alive (a replica start falls back to a plain
+    one until it listens). One that refused to fork (status 3: CUDA, threads) counts as alive: it is
+    not restarted, and replicas start plainly."""
+
+    name = "zygote"
+
+    def __init__(self, stack: "Stack") -> None:
+        self.stack = stack
+
+    def alive(self) -> bool:
+        return self.stack.zygote.alive() or self.stack.zygote_refused
+
+    def health_url(self) -> str | None:
+        return None
+
+    def kill(self) -> None:
+        self.stack.zygote.kill()
+
+    def start(self) -> str | None:
+        if not self.alive():
+            self.stack.restart_zygote()
+        return None
 
 
 def supervise_stack(stack: "Stack", on_event: Callable[[SupervisorEvent], None] | None = None) -> Supervisor:
@@ -108,4 +143,6 @@ def supervise_stack(stack: "Stack", on_event: Callable[[SupervisorEvent], None] 
         if r.kvsync is not None:
             targets.append(KVSyncTarget(stack, r.replica_id))
     targets += [GatewayTarget(stack, i) for i in range(len(stack.gateways))]
+    if stack.zygote is not None:
+        targets.append(ZygoteTarget(stack))
     return Supervisor(stack.config.supervisor, targets, metrics=SupervisorMetrics(), on_event=on_event).start()

@@ -84,6 +84,7 @@ def test_runner_restarts_a_killed_process_and_gives_up_on_one_that_dies_at_start
         assert ("sleeper", "restarted") in kinds and ("crasher", "crash_loop") in kinds
         text = sup.metrics.render().decode()
         assert 'unbroken_supervisor_restarts_total{program="sleeper"} 1.0' in text
+        assert 'unbroken_supervisor_starts_total{program="sleeper",via="plain"} 1.0' in text
         assert 'unbroken_supervisor_crash_loops_total{program="crasher"} 1.0' in text
         assert 'unbroken_supervisor_program_state{program="crasher",state="crash_loop"} 1.0' in text
         assert {r["program"]: r["state"] for r in sup.status()}["crasher"] == "crash_loop"
