@@ -23,6 +23,11 @@ a zygote that loaded the weights (``--load-weights``: the child inherits them).
 Targets: 0 failed; with standby, full capacity <= 1 s after the kill; without, <= the replica's
 load time + 1 s.
 
+Then (unless ``--no-gateway-kill``) the gateway kill at the same load fraction:
+:mod:`loadtest.bench_gateway_recovery` (two gateways, one killed -9 under open-loop streams through
+``unbroken.client``): interruption, service restored, full capacity, p99 TTFT, failed requests and
+lost/repeated tokens.
+
 Usage: ``python -m loadtest.bench_recovery [--model DIR] [--replicas 2] [--max-tokens 32]``.
 Without ``--model`` the tiny model is written to a temporary directory.
 """
@@ -43,8 +48,10 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest import bench_gateway_recovery
 from unbroken.launcher import Stack, StackConfig
 from unbroken.procs import ManagedProcess, free_port, python_module_cmd
+from unbroken.tinymodel import write_tiny_model
 from unbroken.zygote import ForkedProcess, ZygoteUnavailable, ping
 
 PROMPT = [{"role": "user", "content": "Tell me a story about a robot."}]
@@ -314,15 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-s", type=float, default=120.0)
     ap.add_argument("--recovery-window-min-s", type=float, default=2.0)
     ap.add_argument("--kvsync", action="store_true", help="start the kvsync sidecars too")
+    ap.add_argument("--no-gateway-kill", action="store_true",
+                    help="leave out the gateway kill (python -m loadtest.bench_gateway_recovery alone)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         run_dir = Path(tmp)
-        if args.model:
-            model = Path(args.model)
-        else:
-            from unbroken.tinymodel import write_tiny_model
-
-            model = write_tiny_model(run_dir / "tiny-qwen", shape="tiny", seed=0)
+        model = Path(args.model) if args.model else write_tiny_model(run_dir / "tiny-qwen", shape="tiny", seed=0)
         cold_s = time_replica_start(model, run_dir, cold=True)
         warm_s = time_replica_start(model, run_dir, cold=False)
         forked_s = time_forked_start(model, run_dir, load_weights=False)
@@ -351,8 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     ok_plain = z_s is not None and z_s <= warm_s + 1.0
     print(f"targets: 0 failed and exact tokens: {'met' if ok else 'MISSED'}; standby <= 1 s: "
           f"{'met' if ok_standby else 'MISSED'}; without a standby (zygote) <= load time ({warm_s:.2f} s) + 1 s: "
-          f"{'met' if ok_plain else 'MISSED'} (fresh start: {_fmt(f_s)} s)")
-    return 0
+          f"{'met' if ok_plain else 'MISSED'} (fresh start: {_fmt(f_s)} s)", flush=True)
+    if args.no_gateway_kill:
+        return 0
+    # The other half of the figures: one of two gateways killed -9 at the same load.
+    print("\ngateway kill (python -m loadtest.bench_gateway_recovery):", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+        model = Path(args.model) if args.model else write_tiny_model(Path(tmp) / "tiny-qwen", shape="tiny", seed=0)
+        return bench_gateway_recovery.main(["--model", str(model), "--replicas", str(args.replicas),
+                                            "--max-tokens", str(args.max_tokens), "--load", str(args.load_fraction)])
 
 
 if __name__ == "__main__":
