@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from unbroken.procs import ManagedProcess, free_port, start_redis
+from unbroken.procs import ManagedProcess, free_port, python_module_cmd, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from unbroken.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen"), shape="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer files alone (tokenizer.json, tokenizer_config.json with the chat
+    template), as a gateway's ``replicas.tokenizers`` reads them."""
+    from unbroken.tinymodel import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    train_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_replica_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One of the project's replicas on the tiny model (NF4, as the ``reference`` fixture loads it),
+    one process per test module."""
+    port = free_port()
+    proc = ManagedProcess(
+        "replica", python_module_cmd("replica", "--model", str(tiny_model_dir), "--port", str(port),
+                                     "--quantization", "nf4", "--replica-id", "tiny"),
+        log_path=tmp_path_factory.mktemp("tiny-replica") / "replica.log",
+        env={"UNBROKEN_REPLICA__MODEL__NUM_THREADS": "1", "UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512"},
+        ready_url=f"http://127.0.0.1:{port}/health",
+    ).start()
+    try:
+        proc.wait_ready(timeout_s=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop(timeout_s=20)
 
 
 @pytest.fixture

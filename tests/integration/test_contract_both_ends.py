@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
@@ -17,7 +16,6 @@ import pytest_asyncio
 from gateway.config import GatewayConfig
 from gateway.degradation import Admission
 from gateway.testing import RunningGateway
-from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 pytestmark = pytest.mark.asyncio
 
@@ -26,28 +24,10 @@ BODY = {"model": "qwen", "messages": [{"role": "user", "content": "Count to one 
         "max_tokens": 5, "max_completion_tokens": 30, "ignore_eos": True, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def replica_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = ManagedProcess(
-        "replica",
-        python_module_cmd("replica", "--model", str(tiny_model_dir), "--port", str(port),
-                          "--quantization", "nf4", "--replica-id", "contract"),
-        log_path=tmp_path_factory.mktemp("contract") / "replica.log",
-        env={"UNBROKEN_REPLICA__MODEL__NUM_THREADS": "1", "UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512"},
-        ready_url=f"http://127.0.0.1:{port}/health",
-    ).start()
-    try:
-        proc.wait_ready(timeout_s=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop(timeout_s=20)
-
-
 @pytest_asyncio.fixture
-async def gateway(replica_url: str) -> AsyncIterator[RunningGateway]:
+async def gateway(tiny_replica_url: str) -> AsyncIterator[RunningGateway]:
     config = GatewayConfig.model_validate({
-        "server": {"port": 0}, "replicas": {"urls": [replica_url]},
+        "server": {"port": 0}, "replicas": {"urls": [tiny_replica_url]},
         "degradation": {"overload_inflight_per_replica": 1, "clamp_max_tokens": CLAMP, "queue_max_depth": 4,
                         "queue_timeout_s": 60.0}})
     gw = await RunningGateway(config).start()
@@ -69,9 +49,9 @@ def _num_generated(answer: dict[str, Any]) -> int:
     return n
 
 
-async def test_max_completion_tokens_wins_at_gateway_and_replica(gateway: RunningGateway, replica_url: str) -> None:
+async def test_max_completion_tokens_wins_at_gateway_and_replica(gateway: RunningGateway, tiny_replica_url: str) -> None:
     async with aiohttp.ClientSession() as s:
-        status, direct, _ = await _post(s, replica_url, BODY)
+        status, direct, _ = await _post(s, tiny_replica_url, BODY)
         assert status == 200 and _num_generated(direct) == 30  # the replica reads max_completion_tokens
         status, relayed, headers = await _post(s, gateway.url, BODY)
         assert status == 200 and _num_generated(relayed) == 30 and "X-Unbroken-Degraded" not in headers
@@ -94,9 +74,9 @@ async def test_max_completion_tokens_wins_at_gateway_and_replica(gateway: Runnin
         assert clamped["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"][:CLAMP]
 
 
-async def test_n_2_is_answered_the_same_at_gateway_and_replica(gateway: RunningGateway, replica_url: str) -> None:
+async def test_n_2_is_answered_the_same_at_gateway_and_replica(gateway: RunningGateway, tiny_replica_url: str) -> None:
     async with aiohttp.ClientSession() as s:
-        answers = [await _post(s, url, {**BODY, "n": 2}) for url in (replica_url, gateway.url)]
+        answers = [await _post(s, url, {**BODY, "n": 2}) for url in (tiny_replica_url, gateway.url)]
     (s1, e1, _), (s2, e2, _) = answers
     assert s1 == s2 == 400
     assert e1 == e2 and e1["error"]["param"] == "n" and e1["error"]["code"] == "unsupported_value"
@@ -105,9 +85,9 @@ async def test_n_2_is_answered_the_same_at_gateway_and_replica(gateway: RunningG
 @pytest.mark.parametrize("field,value", [("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]),
                                          ("presence_penalty", 0.5), ("top_logprobs", 21)])
 async def test_unsupported_fields_are_answered_the_same_at_gateway_and_replica(
-        gateway: RunningGateway, replica_url: str, field: str, value: Any) -> None:
+        gateway: RunningGateway, tiny_replica_url: str, field: str, value: Any) -> None:
     async with aiohttp.ClientSession() as s:
-        answers = [await _post(s, url, {**BODY, field: value}) for url in (replica_url, gateway.url)]
+        answers = [await _post(s, url, {**BODY, field: value}) for url in (tiny_replica_url, gateway.url)]
     (s1, e1, _), (s2, e2, _) = answers
     assert s1 == s2 and 400 <= s1 < 500
     assert e1 == e2 and e1["error"]["param"] == field

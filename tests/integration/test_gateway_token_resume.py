@@ -7,7 +7,7 @@ Under ``-m slow``: a stream cut on vLLM continues on one of the project's replic
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
@@ -19,7 +19,6 @@ from gateway.tokenizer import ChatTokenizer
 from loadtest.emulators import EmulatorKnobs, EngineEmulator, expected_text, make_emulator, prompt_base
 from loadtest.emulators.flavors import SGLangFlavor
 from loadtest.emulators.tokens import HashGreedyModel
-from unbroken.procs import ManagedProcess, free_port, python_module_cmd
 
 pytestmark = pytest.mark.asyncio
 
@@ -32,23 +31,13 @@ COMPLETION = {"model": "qwen", "prompt": "once upon a time", "max_tokens": N, "s
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's tokenizer files (tokenizer.json, tokenizer_config.json with the chat template)."""
-    from unbroken.tinymodel import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-tokenizer")
-    train_tokenizer().save_pretrained(out)
-    return out
+def model(tiny_tokenizer_dir: Path) -> HashGreedyModel:
+    return HashGreedyModel(tiny_tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer_dir: Path) -> HashGreedyModel:
-    return HashGreedyModel(tokenizer_dir)
-
-
-def want(tokenizer_dir: Path, model: HashGreedyModel, body: dict[str, Any], n: int = N) -> tuple[list[int], str]:
+def want(tiny_tokenizer_dir: Path, model: HashGreedyModel, body: dict[str, Any], n: int = N) -> tuple[list[int], str]:
     """The uninterrupted greedy answer: ids and text."""
-    tok = ChatTokenizer.load(tokenizer_dir)
+    tok = ChatTokenizer.load(tiny_tokenizer_dir)
     if "messages" in body:
         prompt = tok.chat_prompt_ids(body["messages"])
     else:
@@ -74,11 +63,11 @@ async def pool(request: pytest.FixtureRequest, model: HashGreedyModel) -> AsyncI
             await e.stop()
 
 
-async def start_gateway(emus: list[EngineEmulator], tokenizer_dir: Path | None, **replicas: Any) -> RunningGateway:
+async def start_gateway(emus: list[EngineEmulator], tiny_tokenizer_dir: Path | None, **replicas: Any) -> RunningGateway:
     cfg = GatewayConfig.model_validate({
         "server": {"port": 0},
         "replicas": {"urls": [e.url for e in emus], "stall_timeout_s": 2.0, "first_byte_timeout_s": 2.0,
-                     "tokenizers": {"qwen": str(tokenizer_dir)} if tokenizer_dir else {}, **replicas},
+                     "tokenizers": {"qwen": str(tiny_tokenizer_dir)} if tiny_tokenizer_dir else {}, **replicas},
         "routing": {"session_affinity": False, "policy": "least_load"},
         "retry": {"backoff_initial_ms": 1, "backoff_max_ms": 5, "hedge_critical": False},
         "health": {"heartbeat_interval_ms": 50, "heartbeat_timeout_ms": 500},
@@ -120,10 +109,10 @@ def num_token_resumes(gw: RunningGateway, kind: str) -> float:
 @pytest.mark.parametrize("pool", [["vllm", "vllm"], ["sglang", "sglang"]], indirect=True, ids=["vllm", "sglang"])
 @pytest.mark.parametrize("body", [CHAT, COMPLETION], ids=["chat", "completions"])
 async def test_cut_stream_resumes_token_exact_on_another_engine(pool: list[EngineEmulator], body: dict[str, Any],
-                                                                tokenizer_dir: Path, model: HashGreedyModel) -> None:
+                                                                tiny_tokenizer_dir: Path, model: HashGreedyModel) -> None:
     kind = pool[0].flavor.kind
-    want_ids, want_text = want(tokenizer_dir, model, body)
-    gw = await start_gateway(pool, tokenizer_dir)
+    want_ids, want_text = want(tiny_tokenizer_dir, model, body)
+    gw = await start_gateway(pool, tiny_tokenizer_dir)
     try:
         # uninterrupted first, then cut after 7 tokens on whichever engine takes it
         assert_exact(await post(gw.url + route_of(body), body), want_ids, want_text)
@@ -147,13 +136,13 @@ async def test_cut_stream_resumes_token_exact_on_another_engine(pool: list[Engin
 
 
 @pytest.mark.parametrize("pool", [["vllm", "sglang", "tgi"]], indirect=True)
-async def test_mixed_pool_resumes_on_a_token_capable_engine(pool: list[EngineEmulator], tokenizer_dir: Path,
+async def test_mixed_pool_resumes_on_a_token_capable_engine(pool: list[EngineEmulator], tiny_tokenizer_dir: Path,
                                                             model: HashGreedyModel) -> None:
     vllm, sglang, tgi = pool
     sglang.knobs.num_running_override = 10  # vLLM first, then SGLang,
     tgi.knobs.num_running_override = 50  # and TGI only when nothing else can
-    want_ids, want_text = want(tokenizer_dir, model, COMPLETION)
-    gw = await start_gateway(pool, tokenizer_dir)
+    want_ids, want_text = want(tiny_tokenizer_dir, model, COMPLETION)
+    gw = await start_gateway(pool, tiny_tokenizer_dir)
     try:
         async with aiohttp.ClientSession() as s:
             async with s.get(gw.url + "/admin/replicas") as r:
@@ -174,8 +163,8 @@ async def test_mixed_pool_resumes_on_a_token_capable_engine(pool: list[EngineEmu
 @pytest.mark.parametrize("pool", [["vllm", "vllm"]], indirect=True)
 @pytest.mark.parametrize("case", ["no_tokenizer", "turned_down"])
 async def test_text_mode_without_a_tokenizer_or_when_turned_down(pool: list[EngineEmulator], case: str,
-                                                                 tokenizer_dir: Path) -> None:
-    gw = await start_gateway(pool, None if case == "no_tokenizer" else tokenizer_dir,
+                                                                 tiny_tokenizer_dir: Path) -> None:
+    gw = await start_gateway(pool, None if case == "no_tokenizer" else tiny_tokenizer_dir,
                              **({"resume": {"vllm": "text"}} if case == "turned_down" else {}))
     try:
         for e in pool:
@@ -191,11 +180,11 @@ async def test_text_mode_without_a_tokenizer_or_when_turned_down(pool: list[Engi
 
 
 @pytest.mark.parametrize("pool", [["vllm", "sglang"]], indirect=True)
-async def test_stop_string_is_cut_by_the_gateway(pool: list[EngineEmulator], tokenizer_dir: Path,
+async def test_stop_string_is_cut_by_the_gateway(pool: list[EngineEmulator], tiny_tokenizer_dir: Path,
                                                  model: HashGreedyModel) -> None:
-    want_ids, want_text = want(tokenizer_dir, model, CHAT)
+    want_ids, want_text = want(tiny_tokenizer_dir, model, CHAT)
     stop = want_text[len(want_text) // 2:len(want_text) // 2 + 4]
-    gw = await start_gateway(pool, tokenizer_dir)
+    gw = await start_gateway(pool, tiny_tokenizer_dir)
     try:
         for e in pool:
             e.knobs.cut_after_tokens = 3
@@ -211,12 +200,12 @@ async def test_stop_string_is_cut_by_the_gateway(pool: list[EngineEmulator], tok
 
 @pytest.mark.parametrize("pool", [["vllm", "sglang"]], indirect=True)
 async def test_a_clients_reconnect_continues_through_the_token_route(pool: list[EngineEmulator],
-                                                                     tokenizer_dir: Path,
+                                                                     tiny_tokenizer_dir: Path,
                                                                      model: HashGreedyModel) -> None:
-    want_ids, want_text = want(tokenizer_dir, model, CHAT)
+    want_ids, want_text = want(tiny_tokenizer_dir, model, CHAT)
     for e in pool:
         e.knobs.token_interval_ms = 5
-    gw = await start_gateway(pool, tokenizer_dir)
+    gw = await start_gateway(pool, tiny_tokenizer_dir)
     try:
         async with aiohttp.ClientSession() as s:
             headers = {"X-Request-ID": "tok-1"}
@@ -269,26 +258,8 @@ async def test_the_real_tiny_model_cut_on_vllm_continued_on_sglang_equals_its_ge
             await e.stop()
 
 
-@pytest.fixture(scope="module")
-def project_replica(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One of the project's replicas on the tiny model (NF4, as the ``reference`` fixture loads it)."""
-    port = free_port()
-    proc = ManagedProcess(
-        "replica", python_module_cmd("replica", "--model", str(tiny_model_dir), "--port", str(port),
-                                     "--quantization", "nf4", "--replica-id", "tok-replica"),
-        log_path=tmp_path_factory.mktemp("tok-replica") / "replica.log",
-        env={"UNBROKEN_REPLICA__MODEL__NUM_THREADS": "1", "UNBROKEN_REPLICA__MODEL__MAX_MODEL_LEN": "512"},
-        ready_url=f"http://127.0.0.1:{port}/health",
-    ).start()
-    try:
-        proc.wait_ready(timeout_s=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop(timeout_s=20)
-
-
 @pytest.mark.slow  # a replica process: ~10 s more than the rest of this file together
-async def test_a_vllm_stream_resumes_on_the_projects_replica(project_replica: str, tiny_model_dir: Path,
+async def test_a_vllm_stream_resumes_on_the_projects_replica(tiny_replica_url: str, tiny_model_dir: Path,
                                                              reference: Any) -> None:
     """A chat on the token route cut on vLLM continues on a project replica with ``resume_token_ids``:
     the answer is the model's own greedy one."""
@@ -300,7 +271,7 @@ async def test_a_vllm_stream_resumes_on_the_projects_replica(project_replica: st
     want_ids = generate(prompt, N)
     vllm = await make_emulator("vllm", EmulatorKnobs(cut_after_tokens=6), name="vllm0",
                                token_model=CallableModel(generate, lambda ids: tok.decode(ids))).start()
-    gw = await start_gateway([], tiny_model_dir, urls=[vllm.url, project_replica], kinds={vllm.url: "vllm"})
+    gw = await start_gateway([], tiny_model_dir, urls=[vllm.url, tiny_replica_url], kinds={vllm.url: "vllm"})
     try:
         await gw.wait_healthy(2, timeout_s=10)
         for _ in range(2):  # the first request may land on the replica: the second then lands on vLLM
@@ -317,16 +288,16 @@ async def test_a_vllm_stream_resumes_on_the_projects_replica(project_replica: st
 
 
 @pytest.mark.parametrize("pool", [["vllm"]], indirect=True)
-async def test_a_template_that_refuses_the_messages_is_a_400(pool: list[EngineEmulator], tokenizer_dir: Path,
+async def test_a_template_that_refuses_the_messages_is_a_400(pool: list[EngineEmulator], tiny_tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     import json
     import shutil
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, tmp_path / name)
+        shutil.copy(tiny_tokenizer_dir / name, tmp_path / name)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}" \
-        + (config.get("chat_template") or (tokenizer_dir / "chat_template.jinja").read_text())
+        + (config.get("chat_template") or (tiny_tokenizer_dir / "chat_template.jinja").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     gw = await start_gateway(pool, tmp_path)
     try:

@@ -17,17 +17,8 @@ from gateway.tokenroute import EngineStreamTranslator, TokenRoute
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from unbroken.tinymodel import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer().save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir: Path) -> ChatTokenizer:
-    return ChatTokenizer.load(tok_dir)
+def tok(tiny_tokenizer_dir: Path) -> ChatTokenizer:
+    return ChatTokenizer.load(tiny_tokenizer_dir)
 
 
 def request(route: str, **body: Any):
@@ -44,11 +35,11 @@ def request(route: str, **body: Any):
     [{"role": "system", "content": " lead space\n\nnew"}, {"role": "user", "content": "x"},
      {"role": "assistant", "content": "y  "}, {"role": "user", "content": "123 go!"}],
 ])
-def test_chat_prompt_ids_equal_transformers_apply_chat_template(tok: ChatTokenizer, tok_dir: Path,
+def test_chat_prompt_ids_equal_transformers_apply_chat_template(tok: ChatTokenizer, tiny_tokenizer_dir: Path,
                                                                 messages: list[dict[str, str]]) -> None:
     from transformers import AutoTokenizer
 
-    ref = AutoTokenizer.from_pretrained(str(tok_dir))
+    ref = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
     assert tok.chat_prompt_ids(messages) == list(want)
@@ -180,14 +171,14 @@ def test_a_vllm_without_return_token_ids_is_an_error_of_the_replica(tok: ChatTok
     assert "0.10.2" in err["message"] and err["code"] == 500
 
 
-def test_a_template_that_refuses_the_messages_raises_value_error(tok_dir: Path, tmp_path: Path) -> None:
+def test_a_template_that_refuses_the_messages_raises_value_error(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     import json
     import shutil
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, tmp_path / name)
+        shutil.copy(tiny_tokenizer_dir / name, tmp_path / name)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    template = config.get("chat_template") or (tok_dir / "chat_template.jinja").read_text()  # where transformers put it
+    template = config.get("chat_template") or (tiny_tokenizer_dir / "chat_template.jinja").read_text()  # where transformers put it
     config["chat_template"] = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}" \
         + template
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
