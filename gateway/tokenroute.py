@@ -43,8 +43,24 @@ ENGINE_PATHS = {"vllm": "/v1/completions", "sglang": "/generate"}
 DONE = b"[DONE]"
 
 
-class EngineTooOld(Exception):
+class EngineProtocolError(Exception):
+    """An engine event this route cannot read (the replica's fault: the stream goes elsewhere)."""
+
+
+class EngineTooOld(EngineProtocolError):
     """The engine ignores the token-id fields this route needs."""
+
+
+_MAX_TOKEN_ID = 1 << 31
+
+
+def _token_ids(value: Any) -> list[int]:
+    """An engine's token ids, checked: untrusted, they must be a list of ids before anything decodes them."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(type(i) is int and 0 <= i < _MAX_TOKEN_ID for i in value):
+        raise EngineProtocolError(f"the engine sent token ids that are not a list of ids: {str(value)[:80]}")
+    return value
 
 
 class TokenRoute:
@@ -152,7 +168,7 @@ class EngineStreamTranslator:
                 continue
             try:
                 new_ids, finish = self._read(obj)
-            except EngineTooOld as e:  # the replica's fault: the request goes elsewhere
+            except EngineProtocolError as e:  # the replica's fault: the request goes elsewhere
                 out.append(orjson.dumps({"error": {"message": str(e), "type": "InternalServerError",
                                                    "code": 500}}))
                 return out
@@ -179,26 +195,31 @@ class EngineStreamTranslator:
             if not self.id:
                 rid = str(obj.get("id") or "")
                 self.id = rid.replace("cmpl-", "chatcmpl-", 1) if self.chat and rid.startswith("cmpl-") else rid
-                self.created = int(obj.get("created") or self.created)
+                created = obj.get("created")
+                self.created = created if type(created) is int else self.created
             choices = obj.get("choices") or []
+            if not isinstance(choices, list):
+                raise EngineProtocolError("the engine sent choices that are not a list")
             ch = choices[0] if choices and isinstance(choices[0], dict) else {}
             if choices and "token_ids" not in ch:
                 raise EngineTooOld("vLLM sent no token_ids: return_token_ids needs vLLM 0.10.2 or later")
-            ids = ch.get("token_ids") or []
+            ids = _token_ids(ch.get("token_ids"))
             finish = ch.get("finish_reason")
-            return [int(i) for i in ids], finish if finish in ("stop", "length") else None
+            return ids, finish if finish in ("stop", "length") else None
         meta = obj.get("meta_info") or {}
+        if not isinstance(meta, dict):
+            raise EngineProtocolError("the engine sent a meta_info that is not an object")
         if not self.id:
             rid = str(meta.get("id") or "")
             self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{rid}"
-        ids = obj.get("output_ids") or []
+        ids = _token_ids(obj.get("output_ids"))
         num = meta.get("completion_tokens")
-        if isinstance(num, int):  # cumulative or incremental output_ids: the last (num - seen) are new
+        if type(num) is int:  # cumulative or incremental output_ids: the last (num - seen) are new
             n = max(0, num - self.num_new)
             ids = ids[len(ids) - n:] if n else []
         fr = meta.get("finish_reason")
         finish = fr.get("type") if isinstance(fr, dict) else None
-        return [int(i) for i in ids], finish if finish in ("stop", "length") else None
+        return ids, finish if finish in ("stop", "length") else None
 
     # -- stop strings ----------------------------------------------------------------------------
 

@@ -171,6 +171,24 @@ def test_a_vllm_without_return_token_ids_is_an_error_of_the_replica(tok: ChatTok
     assert "0.10.2" in err["message"] and err["code"] == 500
 
 
+@pytest.mark.parametrize("kind,event", [
+    ("vllm", {"id": "cmpl-1", "choices": [{"index": 0, "token_ids": ["7"], "finish_reason": None}]}),
+    ("vllm", {"id": "cmpl-1", "choices": [{"index": 0, "token_ids": [-1], "finish_reason": None}]}),
+    ("vllm", {"id": "cmpl-1", "choices": [{"index": 0, "token_ids": [1 << 40], "finish_reason": None}]}),
+    ("vllm", {"id": "cmpl-1", "choices": [{"index": 0, "token_ids": 7, "finish_reason": None}]}),
+    ("vllm", {"id": "cmpl-1", "created": "soon", "choices": {"0": {}}}),
+    ("sglang", {"output_ids": [True], "meta_info": {"id": "r"}}),
+    ("sglang", {"output_ids": [5], "meta_info": ["not", "an", "object"]}),
+])
+def test_an_engine_event_with_bad_ids_is_an_error_of_the_replica(tok: ChatTokenizer, kind: str,
+                                                                   event: dict[str, Any]) -> None:
+    """Ids from an engine are untrusted: anything but a list of ids is the replica's error event (the
+    relay fails the stream over), never an exception in the gateway or an id handed to the decoder."""
+    tr = EngineStreamTranslator(kind, request(COMPLETIONS_ROUTE), tok, [], 3)
+    err = orjson.loads(tr.feed([orjson.dumps(event)])[-1])["error"]
+    assert err["code"] == 500 and "engine sent" in err["message"]
+
+
 def test_a_template_that_refuses_the_messages_raises_value_error(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     import json
     import shutil
