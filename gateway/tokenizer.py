@@ -155,6 +155,9 @@ class ChatTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+MAX_HELD = 16  # ids held back at most while their bytes do not form a character (UTF-8 needs 4)
+
+
 class IncrementalDecoder:
     """The text of streamed ids, piece by piece, as vLLM's detokenizer does it: each new id's text is
     ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])``, held back while it ends in an
@@ -179,7 +182,10 @@ class IncrementalDecoder:
                 continue
             prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
             full = self.tok.decode(self.ids[self.prefix_offset:])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            # A run of bytes that never completes a character is let go after MAX_HELD ids (as
+            # U+FFFD): an engine's ids are untrusted, and each held id re-decodes the whole run.
+            stuck = len(self.ids) - self.read_offset >= MAX_HELD
+            if len(full) > len(prefix) and (stuck or not full.endswith("\ufffd")):
                 out.append(full[len(prefix):])
                 self.prefix_offset = self.read_offset
                 self.read_offset = len(self.ids)

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, parse_request
 from gateway.resume import for_engine
-from gateway.tokenizer import ChatTokenizer, IncrementalDecoder
+from gateway.tokenizer import MAX_HELD, ChatTokenizer, IncrementalDecoder
 from gateway.tokenroute import EngineStreamTranslator, TokenRoute
 
 
@@ -68,6 +68,27 @@ def test_incremental_decoder_holds_incomplete_characters_and_replays(tok: ChatTo
     for cut in range(1, len(ids)):  # a decoder started after ``cut`` ids goes on as the first would
         d2 = IncrementalDecoder(tok, ids[:cut])
         assert "".join(pieces[:cut]) + "".join(d2.push([i]) for i in ids[cut:]) == tok.decode(ids)
+
+
+def test_incremental_decoder_lets_go_of_bytes_that_never_form_a_character(tok: ChatTokenizer) -> None:
+    """A run of lone UTF-8 continuation bytes (an engine's untrusted ids) is not held for ever: the
+    decoder emits it after MAX_HELD ids, so its work per id stays bounded."""
+    byte_80 = tok.tokenizer.token_to_id(_byte_level_char(0x80))
+    assert byte_80 is not None
+    d = IncrementalDecoder(tok)
+    pieces = []
+    for _ in range(5 * MAX_HELD):
+        pieces.append(d.push([byte_80]))
+        assert len(d.ids) - d.read_offset < MAX_HELD
+    assert sum(1 for p in pieces if p) >= 4 and all(set(p) <= {"\ufffd"} for p in pieces)
+
+
+def _byte_level_char(b: int) -> str:
+    """The character GPT-2's byte-level BPE stands byte ``b`` for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in printable].index(b))
 
 
 def test_engine_bodies(tok: ChatTokenizer) -> None:
