@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -19,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.streamstate import StreamRecord, StreamStateStore, parse_record
 from gateway.testing import RunningGateway, parse_sse, stream_tokens
 from loadtest.mock_replica import MockKnobs, MockReplica, expected_completion, prompt_text
+from unbroken.procs import free_port, start_redis
 
 pytestmark = pytest.mark.asyncio
 
@@ -340,3 +343,27 @@ async def test_without_the_write_at_open_a_young_stream_waits_for_its_interval(r
     finally:
         await store.stop()
         await client.aclose()
+
+
+async def test_a_lookup_after_redis_restarted_takes_a_fresh_connection(tmp_path: Path) -> None:
+    """Redis restarted behind the gateway's pool (the redis_loss chaos, then a gateway kill): the first
+    read on a pooled connection meets 'Connection closed by server'; the lookup tries once more on a
+    fresh connection instead of answering the client's resume with 404."""
+    port = free_port()
+    proc, url = start_redis(port=port, log_path=tmp_path / "redis-1.log")
+    client = aioredis.from_url(url)
+    store = StreamStateStore(StreamsSection(), "t:", GatewayMetrics(), 1 << 20, 2.0)
+    store.attach_redis(client, url)
+    try:
+        await asyncio.gather(*(client.get("warm") for _ in range(4)))  # connections into the pool
+        proc.kill()
+        proc, _ = start_redis(port=port, log_path=tmp_path / "redis-2.log")
+        rec = StreamRecord(request_id="r9", route="/v1/completions", principal="k", body_sha256="s",
+                           body={"model": "m"}, token_ids=[4, 2])
+        await aioredis.from_url(url).set("t:stream:r9", rec.state_blob(2, orjson.dumps(rec.body)))
+        got, source = await store.lookup("r9")
+        assert source == "redis" and got is not None and got.token_ids == [4, 2]
+    finally:
+        await store.stop()
+        await client.aclose()
+        proc.stop()
