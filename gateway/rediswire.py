@@ -27,6 +27,19 @@ from unbroken.resp import setup_commands
 _MAX_REPLY_BYTES = 4096
 
 
+def redis_client(url: str, op_timeout_s: float) -> Any:
+    """The gateway's redis-py client (reads, pub/sub, everything but the stream state's writes). A
+    command that meets a pooled connection Redis has closed (it restarted since) is sent once more,
+    at once, on a fresh connection: without that, the first read after a Redis restart fails."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return aioredis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
+                             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+
+
 class RedisWireError(Exception):
     """A write failed: the server's error reply, a protocol mismatch or a connection problem."""
 

@@ -30,6 +30,7 @@ from gateway.policies.adapter_affinity import AdapterAffinityPolicy
 from gateway.policies.session_affinity import SessionAffinityPolicy
 from gateway.policies.stability import StabilityPolicy
 from gateway.protocol import CHAT_ROUTE, COMPLETIONS_ROUTE, ClientRequest, parse_request
+from gateway.rediswire import redis_client
 from gateway.registry import RegistryDiscovery
 from gateway.relay import Relay, RequestContext
 from gateway.replicaset import ReplicaSet, ReplicaSource, ReplicaState
@@ -146,10 +147,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gw.relay.start()
     await gw.health.start()
     if cfg.redis.url:
-        import redis.asyncio as aioredis
-
-        gw.redis = aioredis.from_url(cfg.redis.url, socket_timeout=cfg.redis.op_timeout_s,
-                                     socket_connect_timeout=cfg.redis.op_timeout_s)
+        gw.redis = redis_client(cfg.redis.url, cfg.redis.op_timeout_s)
         gw.discovery = RegistryDiscovery(gw.replicas, gw.redis, cfg.redis.key_prefix,
                                          cfg.redis.discovery_interval_ms / 1000.0, cfg.redis.op_timeout_s,
                                          on_drain=gw.apply_drain,

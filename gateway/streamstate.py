@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import StreamsSection
 from gateway.metrics import GatewayMetrics
@@ -232,12 +231,7 @@ class StreamStateStore:
             return None, "none"
         try:
             async with asyncio.timeout(self.op_timeout_s):
-                try:
-                    blob, body = await self.redis.mget(self.key(request_id), self.body_key(request_id))
-                except RedisConnectionError:
-                    # A pooled connection that Redis closed (it restarted since): redis-py drops it
-                    # with the error, so one more try takes a fresh one (a Redis still down fails again).
-                    blob, body = await self.redis.mget(self.key(request_id), self.body_key(request_id))
+                blob, body = await self.redis.mget(self.key(request_id), self.body_key(request_id))
         except Exception as e:  # noqa: BLE001 - Redis down: only local streams are resumable
             log.warning("stream state of %s unreadable: %s", request_id, e)
             self.metrics.stream_state_reads.labels("error").inc()

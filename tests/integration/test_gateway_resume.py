@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import GatewayConfig, StreamsSection, sha256_hex
 from gateway.metrics import GatewayMetrics
+from gateway.rediswire import redis_client
 from gateway.streamstate import StreamRecord, StreamStateStore, parse_record
 from gateway.testing import RunningGateway, parse_sse, stream_tokens
 from loadtest.mock_replica import MockKnobs, MockReplica, expected_completion, prompt_text
@@ -347,11 +348,11 @@ async def test_without_the_write_at_open_a_young_stream_waits_for_its_interval(r
 
 async def test_a_lookup_after_redis_restarted_takes_a_fresh_connection(tmp_path: Path) -> None:
     """Redis restarted behind the gateway's pool (the redis_loss chaos, then a gateway kill): the first
-    read on a pooled connection meets 'Connection closed by server'; the lookup tries once more on a
-    fresh connection instead of answering the client's resume with 404."""
+    read on a pooled connection meets 'Connection closed by server'; it is sent once more on a
+    fresh connection (the gateway's client, ``redis_client``) instead of answering the resume 404."""
     port = free_port()
     proc, url = start_redis(port=port, log_path=tmp_path / "redis-1.log")
-    client = aioredis.from_url(url)
+    client = redis_client(url, 2.0)
     store = StreamStateStore(StreamsSection(), "t:", GatewayMetrics(), 1 << 20, 2.0)
     store.attach_redis(client, url)
     try:
