@@ -147,6 +147,11 @@ class RequestContext:
     token_route: TokenRoute | None = None  # the request's way to vLLM and SGLang by ids, when its model has one
 
 
+def _without_ids(mode: str) -> str:
+    """A vLLM or SGLang replica's resume mode off the token route: it has no ids to continue from."""
+    return "text" if mode == "token" else mode
+
+
 class Upstream:
     """An open response from one replica; its lease holds the replica's in-flight slot until
     :meth:`finish`."""
@@ -302,10 +307,13 @@ class Relay:
         mode = rep.resume_mode(req.route)
         if rep.kind not in TOKEN_ROUTE_KINDS:
             return mode
-        if req.stream and req.base_model in self.tokenizers \
-                and self.config.replicas.resume.get(rep.kind, "token") == "token":
+        if req.stream and req.base_model in self.tokenizers and self._token_route_allowed(rep):
             return "token"
-        return "text" if mode == "token" else mode  # no ids to send them without a tokenizer
+        return _without_ids(mode)
+
+    def _token_route_allowed(self, rep: Replica) -> bool:
+        """Whether ``replicas.resume`` lets ``rep``'s kind (vLLM, SGLang) take streams by token ids."""
+        return self.config.replicas.resume.get(rep.kind, "token") == "token"
 
     def _token_route(self, ctx: RequestContext, rep: Replica) -> TokenRoute | None:
         if rep.kind not in TOKEN_ROUTE_KINDS or self.resume_mode(rep, ctx.req) != "token":
@@ -320,8 +328,8 @@ class Relay:
         out: dict[str, Any] = {"chat": rep.resume_chat, "completions": rep.resume_completions}
         if rep.kind not in TOKEN_ROUTE_KINDS:
             return out
-        out = {route: "text" if mode == "token" else mode for route, mode in out.items()}  # as resume_mode()
-        if self.config.replicas.resume.get(rep.kind, "token") == "token":
+        out = {route: _without_ids(mode) for route, mode in out.items()}
+        if self._token_route_allowed(rep):
             token_models = sorted(m for m in self.tokenizers if not rep.models or m in rep.models)
             if token_models:
                 out = {"chat": "token", "completions": "token", "token_models": token_models, "otherwise": out}
