@@ -657,7 +657,7 @@ class Relay:
         state = ctx.state if resumable and ctx.req.transferable else None
         if state is not None and self.streams is not None:
             state.stream_id, state.created, state.model = rw.orig_id, rw.orig_created, rw.orig_model
-            state.body = ctx.req.openai.to_body()  # as sent (after degradation), without resume_token_ids
+            state.body_json = orjson.dumps(ctx.req.openai.to_body())  # as sent (after degradation)
             state.token_ids = rw.sent_ids  # shared, not copied: the write-behind reads it
             self.streams.open(state)
         else:

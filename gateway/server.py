@@ -261,8 +261,8 @@ async def handle_completion(request: web.Request, route: str) -> web.StreamRespo
                 resume, stored_body = await _resume_point(gw, route, req, request_id, last_event_id, key, sha)
                 # the request as it was sent to replicas (a fallback model, a clamp), parsed again: untrusted
                 req.openai = parse_request(route, stored_body, request.headers, gw.replicas.default_model).openai
-            state = StreamRecord(request_id=request_id, route=route, principal=key.name, body_sha256=sha,
-                                 body={})  # the body as sent is filled in when the stream opens
+            # the body as sent is filled in when the stream opens
+            state = StreamRecord(request_id=request_id, route=route, principal=key.name, body_sha256=sha)
         elif not req.stream and sha and client_request_id is not None:
             resp, status, replica_label = await _serve_once(gw, request, req, request_id, out_headers, started,
                                                             key, lease, scoped_session, sha)
@@ -335,7 +335,7 @@ async def _resume_point(gw: Gateway, route: str, req: ClientRequest, request_id:
         raise ConflictError("a resumed stream must be requested with the same route and body as at its start",
                             param="Last-Event-ID")
     known = record.token_ids[:last.num_tokens]
-    if len(known) < last.num_tokens and (record.finished or not _deterministic(record.body)):
+    if len(known) < last.num_tokens and (record.finished or not _deterministic(record.body())):
         refused.inc()
         raise ConflictError(f"the stream's state holds {len(record.token_ids)} tokens, fewer than the "
                             f"{last.num_tokens} of Last-Event-ID, and its sampling is not greedy or seeded: it "
@@ -344,7 +344,7 @@ async def _resume_point(gw: Gateway, route: str, req: ClientRequest, request_id:
     log.info("request %s: resuming from %s (%d of its tokens known, state from %s)", request_id, last_event_id,
              len(known), source)
     return ResumePoint(last=last, known_token_ids=list(known), stream_id=record.stream_id, created=record.created,
-                       model=record.model), dict(record.body)
+                       model=record.model), record.body()
 
 
 def _deterministic(body: dict[str, Any]) -> bool:

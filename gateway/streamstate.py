@@ -2,17 +2,22 @@
 
 A stream that a gateway relays is registered here (:meth:`StreamStateStore.open`) with what another
 gateway needs to continue it: the request id, the route, the API key that owns it, a hash of the
-client's body, the body as forwarded to replicas, the stream's ``id``/``created``/``model``, and the
-token ids that reached the client (the relay's own list, shared: nothing is copied per token).
+client's body, the body as forwarded to replicas (serialized once), the stream's
+``id``/``created``/``model``, and the token ids that reached the client (the relay's own list,
+shared: nothing is copied per token).
 
-One owner task writes the state to Redis, in pipelines, with a TTL: a stream as it opens (when the
-first replica's first event is in hand, before anything reaches the client: a gateway killed a few
-milliseconds into a stream leaves it resumable), an unfinished stream's end (the client left), and
-every ``state_write_interval_ms`` the streams whose token count changed. The relay puts opened and
-ended streams on a bounded queue and registers running ones in a table the owner task reads. The relay never waits on Redis: a full queue drops the command (counted), a failed
-write is counted and the stream stays resumable within this gateway (the local copy). What is read
-back from Redis is untrusted: sizes are bounded before anything is allocated and every field's type
-is checked.
+Writes to Redis go through the store's own pipelined connection (:class:`RedisSetWriter`), with a
+TTL, in three ways. A stream as it opens (when the first replica's first event is in hand, before
+anything reaches the client: a gateway killed a few milliseconds into a stream leaves it resumable)
+and an unfinished stream's end (the client left) are written from the event loop's next turn,
+together with every other stream opened or left in the same turn: no task is woken for them and the
+replies are counted by the connection as they arrive. Every ``state_write_interval_ms`` a task
+writes the streams whose token count changed, retries what failed and reopens a lost connection.
+The relay never waits on Redis: a write that cannot go out is counted and the stream stays
+resumable within this gateway (the local copy); a batch unanswered for ``op_timeout_s`` closes the
+connection. What is read back from Redis is untrusted: sizes are bounded before anything is
+allocated and every field's type is checked. Ended streams are kept locally in a compact form (the
+body as bytes, no dicts): thousands of them cost the garbage collector next to nothing.
 
 Redis layout, one command per write: ``{prefix}stream:{request id}`` is ``UBS1``, the lengths of
 ``meta`` and of the body (uint32 each), ``meta`` (JSON: version, route, principal, body_sha256, id,
@@ -25,6 +30,7 @@ in the state is 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -66,15 +72,16 @@ def body_sha256(body: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StreamRecord:
-    """One stream's resumable state. ``token_ids`` is the relay's list of ids sent to the client."""
+    """One stream's resumable state. ``token_ids`` is the relay's list of ids sent to the client;
+    ``body_json`` the request as sent to replicas (JSON), set when the stream opens."""
 
     request_id: str
     route: str
     principal: str
     body_sha256: str
-    body: dict[str, Any]
+    body_json: bytes = b""
     stream_id: str | None = None
     created: int | None = None
     model: str | None = None
@@ -82,15 +89,20 @@ class StreamRecord:
     finished: bool = False
     ended_s: float = 0.0  # monotonic time the local relay ended (0 = running here)
     opened_s: float = 0.0  # monotonic time the local relay began
-    num_written: int = -1  # tokens in the last write to Redis (-1: the body not written yet)
-    written_s: float = 0.0  # monotonic time of the last write to Redis
-    body_json: bytes = b""  # the body serialized once, at the first write
+    num_written: int = -1  # tokens in the last write sent to Redis (-1: the body not written yet)
+    written_s: float = 0.0  # monotonic time of the last write sent to Redis
+
+    def body(self) -> dict[str, Any]:
+        """The request as sent to replicas (parsed anew: the caller may change it)."""
+        body = orjson.loads(self.body_json)
+        if not isinstance(body, dict):  # pragma: no cover - set by this gateway or checked by parse_record
+            raise ValueError("a stream's body is not an object")
+        return body
 
     def meta_json(self) -> bytes:
         return orjson.dumps({"v": STATE_VERSION, "route": self.route, "principal": self.principal,
                              "body_sha256": self.body_sha256, "id": self.stream_id, "created": self.created,
                              "model": self.model, "finished": self.finished})
-
 
     def state_blob(self, num_tokens: int, inline_body: bytes) -> bytes:
         meta = self.meta_json()
@@ -134,9 +146,38 @@ def parse_record(request_id: str, blob: bytes | None, body_b: bytes | None, max_
     if any(t >= _TOKEN_ID_LIMIT for t in token_ids):
         raise ValueError("token id out of range")
     return StreamRecord(request_id=request_id, route=meta["route"], principal=meta["principal"],
-                        body_sha256=meta["body_sha256"], body=body, stream_id=meta.get("id"),
+                        body_sha256=meta["body_sha256"], body_json=bytes(body_b), stream_id=meta.get("id"),
                         created=meta.get("created"), model=meta.get("model"), token_ids=token_ids,
                         finished=meta["finished"])
+
+
+# An ended stream as kept locally: one bytes object, ``<d`` ended_s then the record as written to
+# Redis with its body inline. Ten thousand streams kept as records (a dozen small objects each)
+# cost the gateway ~4% of its CPU under a load of short streams, the garbage collector's scans and
+# the allocator's scattered pools; as one block each they cost next to nothing.
+_Ended = bytes
+
+
+def _compact(r: StreamRecord) -> _Ended:
+    meta = r.meta_json()
+    return struct.pack("<dII", r.ended_s, len(meta), len(r.body_json)) + meta + r.body_json + \
+        _pack(r.token_ids)
+
+
+def _expand(request_id: str, e: _Ended) -> StreamRecord:
+    """What :func:`_compact` made (this process's own: trusted)."""
+    ended_s, meta_len, body_len = struct.unpack_from("<dII", e)
+    meta = orjson.loads(e[16:16 + meta_len])
+    ids = array("I")
+    ids.frombytes(e[16 + meta_len + body_len:])
+    return StreamRecord(request_id=request_id, route=meta["route"], principal=meta["principal"],
+                        body_sha256=meta["body_sha256"], body_json=e[16 + meta_len:16 + meta_len + body_len],
+                        stream_id=meta["id"], created=meta["created"], model=meta["model"],
+                        token_ids=ids.tolist(), finished=meta["finished"], ended_s=ended_s)
+
+
+def _ended_s(e: _Ended) -> float:
+    return struct.unpack_from("<d", e)[0]
 
 
 def _pack(token_ids: list[int]) -> bytes:
@@ -156,12 +197,16 @@ class StreamStateStore:
         self.redis: Any = None
         self.body_extra_ttl_s = body_extra_ttl_s  # the body (written once) outlives the state by a stream's life
         self._running: dict[str, StreamRecord] = {}  # streams this gateway relays now
-        self._ended: OrderedDict[str, StreamRecord] = OrderedDict()  # recently ended here (bounded)
-        self._queue: asyncio.Queue[StreamRecord] = asyncio.Queue(maxsize=config.state_queue_max)  # to write now
-        self._dirty: list[StreamRecord] = []  # taken from the queue, to write now
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()  # recently ended here (bounded, compact)
+        self._soon: list[StreamRecord] = []  # opened or left unfinished: written at the loop's next turn
+        self._soon_handle: asyncio.Handle | None = None
+        self._retry: list[StreamRecord] = []  # ended unfinished, their write failed: written at the next tick
         self._task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._stopping = False
         self._wire: RedisSetWriter | None = None
+        writes = metrics.stream_state_writes
+        self._ok, self._error, self._dropped = writes.labels("ok"), writes.labels("error"), writes.labels("dropped")
 
     def key(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
@@ -177,15 +222,11 @@ class StreamStateStore:
         record.opened_s = time.monotonic()
         self._running[record.request_id] = record
         self._ended.pop(record.request_id, None)
-        if self.redis is None or not self.config.state_write_on_open:
-            return
-        # Written at once, not at the next tick: a gateway killed a few milliseconds after a stream's
-        # first event must leave enough behind for another to continue it (a full queue leaves the
-        # record to the next tick).
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
-            pass
+        if self._wire is not None and self.config.state_write_on_open:
+            # Written at the loop's next turn, not at the next tick: a gateway killed a few
+            # milliseconds after a stream's first event must leave enough behind for another to
+            # continue it. (Past the bound, the tick writes it.)
+            self._write_soon(record)
 
     def close(self, record: StreamRecord, finished: bool) -> None:
         """The local relay of ``record`` ended (``finished``: its last chunk reached the client)."""
@@ -193,18 +234,32 @@ class StreamStateStore:
         record.ended_s = time.monotonic()
         if self._running.get(record.request_id) is record:
             del self._running[record.request_id]
-        self._ended[record.request_id] = record
-        self._ended.move_to_end(record.request_id)
+        try:
+            self._ended[record.request_id] = _compact(record)
+            self._ended.move_to_end(record.request_id)
+        except (OverflowError, TypeError):  # ids no uint32 holds (see _send): not resumable here
+            self._ended.pop(record.request_id, None)
         while len(self._ended) > self.config.max_local_streams:
             self._ended.popitem(last=False)
-        if self.redis is None or finished:
+        if self._wire is None or finished:
             # A finished stream needs no last write: a client that missed its end resumes from the
             # state of the last interval (the replica regenerates the rest).
             return
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
-            self.metrics.stream_state_writes.labels("dropped").inc()
+        if not self._write_soon(record):
+            self._dropped.inc()
+
+    def _write_soon(self, record: StreamRecord) -> bool:
+        if len(self._soon) >= self.config.state_queue_max:
+            return False
+        self._soon.append(record)
+        if self._soon_handle is None:
+            self._soon_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
+        return True
+
+    def _flush_soon(self) -> None:
+        self._soon_handle = None
+        todo, self._soon = self._soon, []
+        self._send(todo)
 
     @property
     def num_running(self) -> int:
@@ -216,11 +271,13 @@ class StreamStateStore:
         rec = self._running.get(request_id)
         if rec is not None:
             return rec
-        rec = self._ended.get(request_id)
-        if rec is not None and time.monotonic() - rec.ended_s > self.config.state_ttl_s:
+        ended = self._ended.get(request_id)
+        if ended is None:
+            return None
+        if time.monotonic() - _ended_s(ended) > self.config.state_ttl_s:
             del self._ended[request_id]
             return None
-        return rec
+        return _expand(request_id, ended)
 
     async def lookup(self, request_id: str) -> tuple[StreamRecord | None, str]:
         """The stream's state and where it came from (``local``, ``redis``, ``none``)."""
@@ -247,96 +304,133 @@ class StreamStateStore:
         self.metrics.stream_state_reads.labels("ok").inc()
         return rec, "redis"
 
-    # -- the owner task ------------------------------------------------------------------------------
+    # -- writing -------------------------------------------------------------------------------------
 
     def attach_redis(self, redis: Any, url: str) -> None:
         """``redis`` (redis-py) reads the state back; the writes go through their own connection to
-        ``url`` (:class:`RedisSetWriter`: a fifth of redis-py's CPU per write)."""
+        ``url`` (:class:`RedisSetWriter`)."""
         self.redis = redis
         self._wire = RedisSetWriter(url, self.op_timeout_s)
 
     def start(self) -> None:
-        if self.redis is not None and self._task is None:
+        if self._wire is not None and self._task is None:
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name="stream-state-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            # The flag as well as the cancel: on Python 3.11.2 a cancel that lands as the queue
-            # wait's timeout expires can come out as TimeoutError, and the loop would go on.
+        if self._soon_handle is not None:
+            self._soon_handle.cancel()
+            self._soon_handle = None
+        tasks = [t for t in (self._task, self._connecting) if t is not None]
+        if tasks:
+            # The flag as well as the cancel: on Python 3.11.2 a cancel that lands as a timeout
+            # expires can come out as TimeoutError, and the loop would go on.
             self._stopping = True
-            await stop_tasks([self._task], what="stream-state writer")
-            self._task = None
+            await stop_tasks(tasks, what="stream-state writer")
+            self._task = self._connecting = None
         if self._wire is not None:
             await self._wire.aclose()
 
     async def _run(self) -> None:
+        """Every interval: the streams that grew, the writes to retry; a connection that is lost or
+        unanswered for ``op_timeout_s`` is closed and opened again."""
         interval_s = self.config.state_write_interval_ms / 1000.0
-        next_tick = time.monotonic() + interval_s
+        self._connect_soon()
         while not self._stopping:
-            # A queued stream (opened, or left by its client) is written at once, with whatever else
-            # is queued by then; the streams that grew are written every interval.
-            tick = False
+            await asyncio.sleep(interval_s)
             try:
-                async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
-                    self._dirty.append(await self._queue.get())
-                while not self._queue.empty():
-                    self._dirty.append(self._queue.get_nowait())
-            except TimeoutError:
-                tick = True
-                next_tick = time.monotonic() + interval_s
-            try:
-                await self._write(grown=tick)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - counted; the streams stay resumable here
-                log.debug("stream state write failed: %s", e)
+                self._tick()
+            except Exception as e:  # noqa: BLE001 - the next tick tries again
+                log.debug("stream state tick failed: %s", e)
 
-    async def _write(self, grown: bool = True) -> None:
-        """One pipeline: the queued streams (opened, or ended unfinished) and, with ``grown``, the
-        running streams whose token count changed since their last write."""
+    def _tick(self) -> None:
+        wire = self._wire
+        assert wire is not None
+        now = time.monotonic()
+        oldest = wire.oldest_unanswered_s()
+        if oldest is not None and now - oldest > self.op_timeout_s:
+            log.warning("Redis left the stream state's writes unanswered for %.1f s: reconnecting", now - oldest)
+            wire.abort(TimeoutError("Redis did not answer in time"))
+        # a stream written (as it opened) less than half an interval ago waits for the next tick
+        recent = now - self.config.state_write_interval_ms / 2000.0
+        todo, self._retry = self._retry, []
+        todo += [r for r in self._running.values() if r.num_written != len(r.token_ids) and r.written_s <= recent]
+        if not wire.connected:
+            self._connect_soon()
+            self._failed(todo)
+            return
+        self._send(todo)
+
+    def _connect_soon(self) -> None:
+        if self._connecting is None and not self._stopping:
+            self._connecting = asyncio.create_task(self._connect(), name="stream-state-connect")
+
+    async def _connect(self) -> None:
+        assert self._wire is not None
+        try:
+            await self._wire.connect()
+        except Exception as e:  # noqa: BLE001 - counted as the writes fail; the next tick tries again
+            log.debug("stream state connection to Redis failed: %s", e)
+        finally:
+            self._connecting = None
+        if self._wire.connected:  # what is owed (opened, or failed while it was down), at once
+            on_open = self.config.state_write_on_open
+            todo, self._retry = self._retry, []
+            self._send(todo + [r for r in self._running.values()
+                               if r.num_written != len(r.token_ids) and (on_open or r.written_s)])
+
+    def _send(self, records: list[StreamRecord]) -> None:
+        """One pipeline, sent now: ``records`` whole (each once), with the tokens they have."""
         ttl_ms = self.config.state_ttl_s * 1000
         body_ttl_ms = ttl_ms + int(self.body_extra_ttl_s * 1000)
-        # an opened stream that finished before its first write needs none (see close())
-        todo: list[StreamRecord] = []
-        queued: set[int] = set()
-        for r in self._dirty:
-            if id(r) not in queued and not (r.finished and r.num_written < 0):
-                queued.add(id(r))
-                todo.append(r)
-        self._dirty = []
-        now = time.monotonic()
-        if grown:
-            # a stream written (as it opened) less than half an interval ago waits for the next tick
-            recent = now - self.config.state_write_interval_ms / 2000.0
-            todo += [r for r in self._running.values()
-                     if r.num_written != len(r.token_ids) and r.written_s <= recent and id(r) not in queued]
-        if not todo:
-            return
         items: list[tuple[bytes, bytes, int]] = []
-        counts: list[tuple[StreamRecord, int]] = []
-        for rec in todo:
+        sent: list[StreamRecord] = []
+        now = time.monotonic()
+        seen: set[int] = set()
+        for rec in records:
+            if id(rec) in seen or (rec.finished and rec.num_written < 0):
+                continue  # an opened stream that finished before its first write needs none (see close())
+            seen.add(id(rec))
             n = len(rec.token_ids)
-            if not rec.body_json:
-                rec.body_json = orjson.dumps(rec.body)
             inline = rec.body_json if len(rec.body_json) <= INLINE_BODY_MAX_BYTES else b""
+            try:
+                blob = rec.state_blob(n, inline)
+            except (OverflowError, TypeError) as e:  # ids no uint32 holds: this stream only
+                log.warning("stream %s cannot be written: %s", rec.request_id, e)
+                self._error.inc()
+                continue
             if not inline and rec.num_written < 0:
                 items.append((self.body_key(rec.request_id).encode(), rec.body_json, body_ttl_ms))
-            items.append((self.key(rec.request_id).encode(), rec.state_blob(n, inline), ttl_ms))
-            counts.append((rec, n))
-        try:
-            assert self._wire is not None
-            async with asyncio.timeout(self.op_timeout_s):
-                await self._wire.set_many(items)
-        except Exception:
-            self.metrics.stream_state_writes.labels("error").inc(len(counts))
-            for rec, _ in counts:  # written again whole at the next tick
-                rec.num_written = -1
-            ended = [r for r, _ in counts if r.ended_s][-self.config.state_queue_max:]
-            self.metrics.stream_state_writes.labels("dropped").inc(
-                sum(1 for r, _ in counts if r.ended_s) - len(ended))
-            self._dirty = ended
-            raise
-        for rec, n in counts:
-            rec.num_written, rec.written_s = n, now
-        self.metrics.stream_state_writes.labels("ok").inc(len(counts))
+            items.append((self.key(rec.request_id).encode(), blob, ttl_ms))
+            sent.append(rec)
+            rec.num_written, rec.written_s = n, now  # not again before the next interval
+        if not items:
+            return
+        assert self._wire is not None
+        if not self._wire.send(items, functools.partial(self._sent, sent)):
+            self._connect_soon()
+            self._failed(sent)
+
+    def _sent(self, records: list[StreamRecord], exc: BaseException | None, errors: list[str]) -> None:
+        if exc is None and not errors:
+            self._ok.inc(len(records))
+            return
+        log.debug("stream state write failed: %s", exc if exc is not None else errors[0])
+        self._failed(records)
+
+    def _failed(self, records: list[StreamRecord]) -> None:
+        """Writes that did not reach Redis: the running streams are written whole at the next tick,
+        the ended ones kept for it (bounded: more are dropped and counted)."""
+        if not records:
+            return
+        self._error.inc(len(records))
+        retry = []
+        for rec in records:
+            rec.num_written = -1
+            if rec.ended_s and not rec.finished:
+                retry.append(rec)
+        room = self.config.state_queue_max - len(self._retry)
+        if len(retry) > room:
+            self._dropped.inc(len(retry) - max(0, room))
+            retry = retry[:max(0, room)]
+        self._retry += retry

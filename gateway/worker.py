@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -40,6 +41,14 @@ def _exit_watchdog(limit_s: float):  # type: ignore[no-untyped-def]
     return arm
 
 
+async def _freeze_startup_objects(_app: web.Application) -> None:
+    """What start-up made (modules, the config, the app) lives as long as the process: moved out of
+    the garbage collector's reach, so its full collections scan only what serving makes (each of
+    them scanned ~66k start-up objects: ~5% of the gateway's CPU under a load of short streams)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_worker(config_data: dict[str, Any], num_workers: int, index: int) -> None:
     """One worker process: build the app and serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"),
@@ -49,6 +58,7 @@ def run_worker(config_data: dict[str, Any], num_workers: int, index: int) -> Non
 
     config = GatewayConfig.model_validate(config_data)
     app = build_app(config, num_workers=num_workers)
+    app.on_startup.append(_freeze_startup_objects)  # after the app's own start-up (cleanup contexts)
     app.on_shutdown.append(_exit_watchdog(config.server.shutdown_timeout_s + _TEARDOWN_GRACE_S))
     web.run_app(app, host=config.server.host, port=config.server.port, reuse_port=num_workers > 1,
                 access_log=None, print=None, shutdown_timeout=config.server.shutdown_timeout_s,

@@ -13,10 +13,13 @@ Figures: requests/s at ``--connections`` (32) for a small non-stream chat reques
 p99 latency at one connection and what each hop adds over direct, and SSE chunks/s relayed for
 long streams. ``python -m loadtest.bench_gateway [--duration-s 5] [--workers 2]``.
 
-``--stream-state``: the cost of resumable streams instead — three gateways on one Redis, alike but for
+``--stream-state``: the cost of resumable streams instead — gateways on one Redis, alike but for
 ``streams.resumable`` (event ids, the stream state kept locally and written behind to Redis) and
 ``streams.state_write_on_open``, under a load of short streams: streams/s, gateway CPU per stream and
-SSE chunks/s, on / off (target: on costs <= 5% of streams/s), rounds rotating which goes first.
+SSE chunks/s, on / off (target: on costs <= 5% of streams/s). Two alike processes differ by up to
+~15% on two shared cores, as much as the effect, so ``--processes`` (2) gateways run per variant,
+``--rounds`` (10) rounds measure each once in a rotating order, and the ratios are taken round by
+round and reported as a median with quartiles.
 """
 
 from __future__ import annotations
@@ -275,7 +278,10 @@ STREAM_STATE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
 
 
 def run_stream_state(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Streams/s and SSE chunks/s with the stream state on and off (``--stream-state``)."""
+    """Streams/s, gateway CPU per stream and SSE chunks/s with the stream state on and off
+    (``--stream-state``): ``--processes`` alike gateways per variant, every gateway measured once per
+    round in a rotating order; the ratios are taken round by round (a busy moment hits the gateways
+    of one round alike) and their median reported with the spread."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-state-"))
     procs: list[ManagedProcess] = []
     try:
@@ -285,18 +291,18 @@ def run_stream_state(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     log_path=tmp / "mock.log", ready_url=f"http://127.0.0.1:{mock_port}/health").start())
         redis_proc, redis_url = start_redis(log_path=tmp / "redis.log")
         procs.append(redis_proc)
-        targets = []
-        for i, (name, streams) in enumerate(STREAM_STATE_VARIANTS):
-            port = free_port()
-            cfg_path = tmp / f"gateway-{i}.yaml"
-            _gateway_config(cfg_path, 1, streams=streams)
-            procs.append(ManagedProcess(name, python_module_cmd("gateway", "--config", str(cfg_path), "--port", str(port),
-                                                                "--replica", f"http://127.0.0.1:{mock_port}",
-                                                                "--redis-url", redis_url),
-                                        log_path=tmp / f"gateway-{i}.log",
-                                        env={"UNBROKEN_LOG_LEVEL": "WARNING"},
-                                        ready_url=f"http://127.0.0.1:{port}/readyz").start())
-            targets.append((name, port, procs[-1].pid))
+        targets = []  # (variant, port, pid)
+        for k in range(args.processes):
+            for i, (name, streams) in enumerate(STREAM_STATE_VARIANTS):
+                port = free_port()
+                cfg_path = tmp / f"gateway-{i}-{k}.yaml"
+                _gateway_config(cfg_path, 1, streams=streams)
+                procs.append(ManagedProcess(f"{name} #{k + 1}", python_module_cmd(
+                    "gateway", "--config", str(cfg_path), "--port", str(port), "--replica",
+                    f"http://127.0.0.1:{mock_port}", "--redis-url", redis_url),
+                    log_path=tmp / f"gateway-{i}-{k}.log", env={"UNBROKEN_LOG_LEVEL": "WARNING"},
+                    ready_url=f"http://127.0.0.1:{port}/readyz").start())
+                targets.append((name, port, procs[-1].pid))
         for p in procs:
             p.wait_ready(60)
         try:
@@ -305,43 +311,70 @@ def run_stream_state(args: argparse.Namespace) -> list[dict[str, Any]]:
             uvloop.install()
         except ImportError:  # pragma: no cover
             pass
-        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        # per variant, per round: one measurement per process
+        runs: dict[str, list[list[dict[str, float]]]] = {n: [[] for _ in range(args.rounds)]
+                                                         for n, _ in STREAM_STATE_VARIANTS}
+        errors = dict.fromkeys(runs, 0)
         for i in range(args.rounds):
             order = targets[i % len(targets):] + targets[:i % len(targets)]  # rotate who goes first
             for name, port, pid in order:
-                sps, cpu, errors = asyncio.run(_stream_load(port, args.connections, args.duration_s,
-                                                            args.stream_tokens, _proc_tree(pid)))
-                rounds[name].append({"streams_per_s": sps, "cpu_us_per_stream": cpu * 1e6, "errors": errors})
+                sps, cpu, errs = asyncio.run(_stream_load(port, args.connections, args.duration_s,
+                                                          args.stream_tokens, _proc_tree(pid)))
+                chunks = asyncio.run(_sse_chunks_per_s(port, args.sse_streams, args.sse_tokens))
+                runs[name][i].append({"streams_per_s": sps, "cpu_us_per_stream": cpu * 1e6,
+                                      "sse_chunks_per_s": chunks})
+                errors[name] += errs
             print(f"  round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        off = STREAM_STATE_VARIANTS[0][0]
         results = []
-        for name, port, _ in targets:
-            rs = rounds[name]
-            results.append({"target": name, "streams_per_s": statistics.median(r["streams_per_s"] for r in rs),
-                            "cpu_us_per_stream": statistics.median(r["cpu_us_per_stream"] for r in rs),
-                            "errors": sum(r["errors"] for r in rs),
-                            "sse_chunks_per_s": asyncio.run(_sse_chunks_per_s(port, args.sse_streams,
-                                                                              args.sse_tokens))})
+        for name, _ in STREAM_STATE_VARIANTS:
+            r: dict[str, Any] = {"target": name, "errors": errors[name], "processes": args.processes}
+            for k in ("streams_per_s", "cpu_us_per_stream", "sse_chunks_per_s"):
+                per_round = [statistics.fmean(m[k] for m in rnd) for rnd in runs[name]]
+                r[k] = statistics.median(per_round)
+                ratios = [statistics.fmean(m[k] for m in rnd) / statistics.fmean(m[k] for m in base)
+                          for rnd, base in zip(runs[name], runs[off])]
+                r[k + "_ratio"] = _quartiles(ratios)
+            r["cpu_us_per_stream_by_process"] = [
+                statistics.median(rnd[p]["cpu_us_per_stream"] for rnd in runs[name]) for p in range(args.processes)]
+            results.append(r)
         return results
     finally:
         for p in reversed(procs):
             p.stop()
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """The lower quartile, the median and the upper quartile."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, q2, q3
+
+
 def report_stream_state(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     off, on, lazy = results
-    lines = [f"stream state benchmark: {args.connections} connections x {args.duration_s:.0f}s of "
-             f"{args.stream_tokens}-token streams, median of {args.rounds} alternating rounds; "
-             f"{args.sse_streams} streams x {args.sse_tokens} tokens; cpus: {os.cpu_count()}", "",
-             "| gateway | streams/s | gateway CPU per stream (us) | SSE chunks/s | errors |", "|---|---|---|---|---|"]
+    lines = [f"stream state benchmark: {args.processes} gateway processes per variant, {args.rounds} rounds; "
+             f"per gateway and round {args.connections} connections x {args.duration_s:g}s of "
+             f"{args.stream_tokens}-token streams, then {args.sse_streams} streams x {args.sse_tokens} tokens; "
+             f"cpus: {os.cpu_count()}", "",
+             "| gateway | streams/s | gateway CPU per stream (us), by process | SSE chunks/s | errors |",
+             "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['target']} | {r['streams_per_s']:.1f} | {r['cpu_us_per_stream']:.0f} | "
+        by_proc = ", ".join(f"{v:.0f}" for v in r["cpu_us_per_stream_by_process"])
+        lines.append(f"| {r['target']} | {r['streams_per_s']:.1f} | {r['cpu_us_per_stream']:.0f} ({by_proc}) | "
                      f"{r['sse_chunks_per_s']:.0f} | {r['errors']} |")
-    lines += ["", f"streams/s, on / off: {on['streams_per_s'] / off['streams_per_s']:.3f} (target >= 0.95)",
-              f"CPU per stream, on / off: {on['cpu_us_per_stream'] / max(1e-9, off['cpu_us_per_stream']):.3f}",
-              f"SSE chunks/s, on / off: {on['sse_chunks_per_s'] / off['sse_chunks_per_s']:.3f}",
-              f"streams/s, on without the write at open / off: {lazy['streams_per_s'] / off['streams_per_s']:.3f}",
-              f"CPU per stream, on without the write at open / off: "
-              f"{lazy['cpu_us_per_stream'] / max(1e-9, off['cpu_us_per_stream']):.3f}"]
+
+    def ratio(r: dict[str, Any], k: str) -> str:
+        q1, q2, q3 = r[k + "_ratio"]
+        return f"{q2:.3f} (quartiles {q1:.3f}-{q3:.3f})"
+
+    lines += ["", "ratios to 'off' taken round by round; median over rounds:",
+              f"streams/s, on / off: {ratio(on, 'streams_per_s')} (target >= 0.95)",
+              f"CPU per stream, on / off: {ratio(on, 'cpu_us_per_stream')}",
+              f"SSE chunks/s, on / off: {ratio(on, 'sse_chunks_per_s')}",
+              f"streams/s, on without the write at open / off: {ratio(lazy, 'streams_per_s')}",
+              f"CPU per stream, on without the write at open / off: {ratio(lazy, 'cpu_us_per_stream')}"]
     return "\n".join(lines)
 
 
@@ -440,9 +473,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_gateway", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=3.0, help="per target, per round, per load level")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--duration-s", type=float, help="per target, per round, per load level "
+                                                         "(default 3; --stream-state 2)")
+    parser.add_argument("--connections", type=int, help="default 32; --stream-state 16")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, medians reported (default 3; "
+                                                   "--stream-state 10)")
     parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
     parser.add_argument("--sse-streams", type=int, default=4)
     parser.add_argument("--sse-tokens", type=int, default=5000)
@@ -450,10 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-state", action="store_true",
                         help="measure the cost of resumable streams (state on vs off) instead")
     parser.add_argument("--stream-tokens", type=int, default=32, help="tokens per stream (--stream-state)")
+    parser.add_argument("--processes", type=int, default=2, help="alike gateways per variant (--stream-state)")
     parser.add_argument("--serve-bare-proxy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    stream_state = bool(args.stream_state)
+    for name, plain, ss in (("duration_s", 3.0, 2.0), ("connections", 32, 16), ("rounds", 3, 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, ss if stream_state else plain)
     if args.serve_bare_proxy:
         serve_bare_proxy(args.port, args.upstream)
         return 0

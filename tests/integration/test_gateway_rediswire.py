@@ -99,3 +99,42 @@ async def test_a_foreign_reply_or_a_dead_server_closes_and_reopens(tmp_path: Pat
             await w.set_many([(b"k", b"v", 1000)])  # nothing listens: refused, and no hang
     finally:
         await w.aclose()
+
+
+async def test_send_counts_replies_as_they_come_and_abort_fails_what_waits(redis_url: str) -> None:
+    """``send`` writes from the caller's own call; the batch's callback gets its outcome when the
+    replies are in, and a connection dropped with batches unanswered fails each of them once."""
+    w = RedisSetWriter(redis_url, 2.0)
+    got: list[tuple[BaseException | None, list[str]]] = []
+    try:
+        assert not w.send([(b"k", b"v", 1000)], lambda e, errs: got.append((e, errs)))  # not connected
+        await w.connect()
+        for i in range(3):
+            assert w.send([(b"k%d" % i, b"v", 10_000), (b"x%d" % i, b"w", 10_000)],
+                          lambda e, errs: got.append((e, errs)))
+        for _ in range(200):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [(None, [])] * 3 and w.oldest_unanswered_s() is None
+        assert await aioredis.from_url(redis_url).get("x2") == b"w"
+    finally:
+        await w.aclose()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(30)
+
+    port = free_port()
+    server = await asyncio.start_server(never_answer, "127.0.0.1", port)
+    w = RedisSetWriter(f"redis://127.0.0.1:{port}/0", 2.0)
+    got.clear()
+    try:
+        await w.connect()
+        assert w.send([(b"k", b"v", 1000)], lambda e, errs: got.append((e, errs)))
+        assert w.oldest_unanswered_s() is not None and got == []
+        w.abort(TimeoutError("no answer"))
+        assert len(got) == 1 and isinstance(got[0][0], TimeoutError) and not w.connected
+    finally:
+        await w.aclose()
+        server.close()

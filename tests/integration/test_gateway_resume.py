@@ -296,11 +296,11 @@ async def test_a_stream_is_in_redis_as_it_opens_not_an_interval_later(redis_url:
     store.start()
     try:
         rec = StreamRecord(request_id="r1", route="/v1/chat/completions", principal="k", body_sha256="s",
-                           body={"model": "m", "temperature": 0}, stream_id="chatcmpl-1", created=7, model="m",
+                           body_json=orjson.dumps({"model": "m", "temperature": 0}), stream_id="chatcmpl-1", created=7, model="m",
                            token_ids=[5])
         store.open(rec)
         short = StreamRecord(request_id="r2", route="/v1/completions", principal="k", body_sha256="s",
-                             body={"model": "m"})
+                             body_json=orjson.dumps({"model": "m"}))
         store.open(short)
         store.close(short, finished=True)  # done before the owner task ran: needs no write
         blob = None
@@ -328,10 +328,10 @@ async def test_without_the_write_at_open_a_young_stream_waits_for_its_interval(r
     store.start()
     try:
         young = StreamRecord(request_id="y1", route="/v1/completions", principal="k", body_sha256="s",
-                             body={"model": "m"}, token_ids=[1])
+                             body_json=orjson.dumps({"model": "m"}), token_ids=[1])
         store.open(young)
         left = StreamRecord(request_id="y2", route="/v1/completions", principal="k", body_sha256="s",
-                            body={"model": "m"}, token_ids=[2])
+                            body_json=orjson.dumps({"model": "m"}), token_ids=[2])
         store.open(left)
         store.close(left, finished=False)
         for _ in range(200):
@@ -360,11 +360,75 @@ async def test_a_lookup_after_redis_restarted_takes_a_fresh_connection(tmp_path:
         proc.kill()
         proc, _ = start_redis(port=port, log_path=tmp_path / "redis-2.log")
         rec = StreamRecord(request_id="r9", route="/v1/completions", principal="k", body_sha256="s",
-                           body={"model": "m"}, token_ids=[4, 2])
-        await aioredis.from_url(url).set("t:stream:r9", rec.state_blob(2, orjson.dumps(rec.body)))
+                           body_json=orjson.dumps({"model": "m"}), token_ids=[4, 2])
+        await aioredis.from_url(url).set("t:stream:r9", rec.state_blob(2, rec.body_json))
         got, source = await store.lookup("r9")
         assert source == "redis" and got is not None and got.token_ids == [4, 2]
     finally:
         await store.stop()
         await client.aclose()
         proc.stop()
+
+
+async def test_one_bad_stream_does_not_stop_the_others_writes(redis_url: str) -> None:
+    """A stream whose token ids no uint32 holds (a replica's garbage) is counted and left out; the
+    streams written with it in the same turn of the loop reach Redis."""
+    client = aioredis.from_url(redis_url)
+    metrics = GatewayMetrics()
+    store = StreamStateStore(StreamsSection(state_write_interval_ms=60_000), "t:", metrics, 1 << 20, 2.0)
+    store.attach_redis(client, redis_url)
+    store.start()
+    try:
+        bad = StreamRecord(request_id="bad", route="/v1/completions", principal="k", body_sha256="s",
+                           body_json=b"{}", token_ids=[-1])
+        good = StreamRecord(request_id="good", route="/v1/completions", principal="k", body_sha256="s",
+                            body_json=b"{}", token_ids=[3])
+        for _ in range(200):  # once the writer's connection is up, both are sent in one turn
+            if store._wire is not None and store._wire.connected:
+                break
+            await asyncio.sleep(0.01)
+        store.open(bad)
+        store.open(good)
+        for _ in range(200):
+            if await client.get("t:stream:good") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert parse_record("good", await client.get("t:stream:good"), None, 1 << 20, 10).token_ids == [3]
+        assert await client.get("t:stream:bad") is None
+        assert metrics.stream_state_writes.labels("error")._value.get() == 1
+    finally:
+        await store.stop()
+        await client.aclose()
+
+
+async def test_a_redis_that_stops_answering_is_left_and_reconnected(tmp_path: Path) -> None:
+    """Writes unanswered for ``op_timeout_s`` close the connection (counted as errors, the streams
+    stay resumable here) and the writer connects again: the relay never waited on any of it."""
+    connections = 0
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.read(65536):
+            pass
+
+    port = free_port()
+    server = await asyncio.start_server(never_answer, "127.0.0.1", port)
+    url = f"redis://127.0.0.1:{port}/0"
+    metrics = GatewayMetrics()
+    store = StreamStateStore(StreamsSection(state_write_interval_ms=50), "t:", metrics, 1 << 20, 0.3)
+    store.attach_redis(aioredis.from_url(url), url)
+    store.start()
+    try:
+        rec = StreamRecord(request_id="r", route="/v1/completions", principal="k", body_sha256="s",
+                           body_json=b"{}", token_ids=[1])
+        store.open(rec)
+        deadline = time.monotonic() + 10
+        while metrics.stream_state_writes.labels("error")._value.get() == 0 or connections < 2:
+            assert time.monotonic() < deadline
+            rec.token_ids.append(2)  # keeps growing: written every interval
+            await asyncio.sleep(0.05)
+        assert store.local("r") is rec
+    finally:
+        await store.stop()
+        server.close()

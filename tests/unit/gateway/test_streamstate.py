@@ -103,17 +103,17 @@ def _raw(rec: StreamRecord, meta: bytes | None = None, body: bytes | None = None
     meta = rec.meta_json() if meta is None else meta
     tokens = array("I", rec.token_ids).tobytes() if tokens is None else tokens
     return (b"UBS1" + struct.pack("<II", len(meta), 0) + meta + tokens,
-            orjson.dumps(rec.body) if body is None else body)
+            rec.body_json if body is None else body)
 
 
 def test_a_record_round_trips() -> None:
     rec = StreamRecord(request_id="r", route="/v1/chat/completions", principal="k", body_sha256="ab",
-                       body={"model": "m"}, stream_id="c", created=5, model="m", token_ids=[1, 2, 70000])
+                       body_json=orjson.dumps({"model": "m"}), stream_id="c", created=5, model="m", token_ids=[1, 2, 70000])
     assert _raw(rec)[0] == rec.state_blob(3, b"")
     back = parse_record("r", *_raw(rec), 1000, 100)
-    inline = parse_record("r", rec.state_blob(2, orjson.dumps(rec.body)), None, 1000, 100)  # the body inside
-    assert (inline.body, inline.token_ids) == ({"model": "m"}, [1, 2])
-    assert (back.principal, back.body, back.token_ids, back.stream_id, back.created) == \
+    inline = parse_record("r", rec.state_blob(2, rec.body_json), None, 1000, 100)  # the body inside
+    assert (inline.body(), inline.token_ids) == ({"model": "m"}, [1, 2])
+    assert (back.principal, back.body(), back.token_ids, back.stream_id, back.created) == \
         ("k", {"model": "m"}, [1, 2, 70000], "c", 5)
 
 
@@ -126,7 +126,7 @@ def test_a_record_round_trips() -> None:
 ])
 def test_malformed_or_oversized_records_are_refused(field: bytes, value: bytes) -> None:
     rec = StreamRecord(request_id="r", route="/v1/chat/completions", principal="k", body_sha256="ab",
-                       body={"model": "m"}, token_ids=[1, 2])
+                       body_json=orjson.dumps({"model": "m"}), token_ids=[1, 2])
     blob, body = _raw(rec, **{field.decode(): value})
     with pytest.raises((ValueError, orjson.JSONDecodeError)):
         parse_record("r", blob, body, 1000, 100)
@@ -137,3 +137,29 @@ def test_malformed_or_oversized_records_are_refused(field: bytes, value: bytes) 
 def test_truncated_or_foreign_blobs_are_refused(blob: bytes | None) -> None:
     with pytest.raises(ValueError):
         parse_record("r", blob, b"{}", 1000, 100)
+
+
+def test_an_ended_stream_is_kept_locally_as_it_was() -> None:
+    """Ended streams are kept compact (one bytes object each); what comes back is the record."""
+    from gateway.config import StreamsSection
+    from gateway.metrics import GatewayMetrics
+    from gateway.streamstate import StreamStateStore
+
+    store = StreamStateStore(StreamsSection(max_local_streams=2), "t:", GatewayMetrics(), 1 << 20, 2.0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "é" * 5000}], "temperature": 0}
+    recs = [StreamRecord(request_id=f"r{i}", route="/v1/chat/completions", principal="k", body_sha256="ab",
+                         body_json=orjson.dumps(body), stream_id="c", created=5, model="m",
+                         token_ids=[1, 2, 70000 + i]) for i in range(3)]
+    for rec in recs:
+        store.open(rec)
+        assert store.local(rec.request_id) is rec  # running: the relay's own record
+    store.close(recs[0], finished=True)
+    store.close(recs[1], finished=False)
+    back = store.local("r1")
+    assert back is not None and back is not recs[1]
+    assert (back.route, back.principal, back.body_sha256, back.stream_id, back.created, back.model,
+            back.token_ids, back.finished, back.body()) == \
+        ("/v1/chat/completions", "k", "ab", "c", 5, "m", [1, 2, 70001], False, body)
+    store.close(recs[2], finished=True)
+    assert store.local("r0") is None  # the oldest of three, over max_local_streams
+    assert store.local("r2") is not None and store.local("r2").finished  # type: ignore[union-attr]
