@@ -37,6 +37,12 @@ class Target(Protocol):
         ``"zygote"`` or ``"plain"``), counted in ``unbroken_supervisor_starts_total``; None = plain."""
 
 
+def _note(target: Target) -> str | None:
+    """What a target says of itself beyond its state (optional ``note()``: the zygote that refused)."""
+    note = getattr(target, "note", None)
+    return note() if callable(note) else None
+
+
 @dataclass(frozen=True)
 class SupervisorEvent:
     program: str
@@ -102,7 +108,8 @@ class Supervisor:
         """One row per program, for status output and ``supervisor.json``."""
         with self._lock:
             return [{"program": name, "state": p.state.value, "restarts": p.num_restarts,
-                     "recent_failures": len(p.failures_s), "last_failure": p.last_failure or None}
+                     "recent_failures": len(p.failures_s), "last_failure": p.last_failure or None,
+                     "note": _note(self.targets[name])}
                     for name, p in self.policies.items()]
 
     def write_status(self, path: str | Path) -> None:

@@ -126,6 +126,12 @@ class ZygoteTarget:
     def health_url(self) -> str | None:
         return None
 
+    def note(self) -> str | None:
+        """Why a zygote shown ``running`` has no process: it refused (status 3)."""
+        if self.stack.zygote_refused:
+            return "refused to fork here (threads or CUDA, status 3): replicas start plainly"
+        return None
+
     def kill(self) -> None:
         self.stack.zygote.kill()
 

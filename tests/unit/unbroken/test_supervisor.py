@@ -134,3 +134,19 @@ def test_unbroken_supervise_restarts_a_killed_program_and_stops_everything_on_si
         if sup.poll() is None:
             sup.kill()
             sup.wait(timeout=10)
+
+
+def test_a_zygote_that_refused_says_so_in_the_status() -> None:
+    """A zygote that refused to fork (status 3) stays down on purpose and counts as alive: the
+    status row says why instead of a bare 'running'."""
+    from types import SimpleNamespace
+
+    from unbroken.supervisor.stack import ZygoteTarget
+
+    stack = SimpleNamespace(zygote=SimpleNamespace(alive=lambda: False), zygote_refused=True)
+    sup = Supervisor(SupervisorSection(), [ZygoteTarget(stack)])  # type: ignore[arg-type]
+    row = sup.status()[0]
+    assert row["program"] == "zygote" and "refused" in row["note"]
+    stack.zygote_refused = False
+    stack.zygote = SimpleNamespace(alive=lambda: True)
+    assert sup.status()[0]["note"] is None
