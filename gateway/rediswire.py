@@ -62,6 +62,10 @@ def encode_set_px(key: bytes, value: bytes, ttl_ms: int) -> bytes:
         len(key), key, len(value), value, len(b"%d" % ttl_ms), ttl_ms)
 
 
+def encode_set_many(items: list[tuple[bytes, bytes, int]]) -> bytes:
+    return b"".join([encode_set_px(k, v, ttl) for k, v, ttl in items])
+
+
 class _Batch:
     __slots__ = ("left", "errors", "done", "sent_s")
 
@@ -153,7 +157,7 @@ class RedisSetWriter:
         t = self._transport
         if t is None or t.is_closing() or t.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             return False
-        t.write(b"".join([encode_set_px(k, v, ttl) for k, v, ttl in items]))
+        t.write(encode_set_many(items))
         self._pending.append(_Batch(len(items), done, time.monotonic()))
         return True
 
@@ -180,7 +184,7 @@ class RedisSetWriter:
             return
         await self.connect()
         try:
-            errors = await self._send_and_wait(b"".join([encode_set_px(k, v, t) for k, v, t in items]), len(items))
+            errors = await self._send_and_wait(encode_set_many(items), len(items))
         except BaseException:
             self.close()
             raise

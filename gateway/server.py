@@ -335,7 +335,8 @@ async def _resume_point(gw: Gateway, route: str, req: ClientRequest, request_id:
         raise ConflictError("a resumed stream must be requested with the same route and body as at its start",
                             param="Last-Event-ID")
     known = record.token_ids[:last.num_tokens]
-    if len(known) < last.num_tokens and (record.finished or not _deterministic(record.body())):
+    body = record.body()
+    if len(known) < last.num_tokens and (record.finished or not _deterministic(body)):
         refused.inc()
         raise ConflictError(f"the stream's state holds {len(record.token_ids)} tokens, fewer than the "
                             f"{last.num_tokens} of Last-Event-ID, and its sampling is not greedy or seeded: it "
@@ -344,7 +345,7 @@ async def _resume_point(gw: Gateway, route: str, req: ClientRequest, request_id:
     log.info("request %s: resuming from %s (%d of its tokens known, state from %s)", request_id, last_event_id,
              len(known), source)
     return ResumePoint(last=last, known_token_ids=list(known), stream_id=record.stream_id, created=record.created,
-                       model=record.model), record.body()
+                       model=record.model), body
 
 
 def _deterministic(body: dict[str, Any]) -> bool:

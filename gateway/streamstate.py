@@ -91,6 +91,7 @@ class StreamRecord:
     opened_s: float = 0.0  # monotonic time the local relay began
     num_written: int = -1  # tokens in the last write sent to Redis (-1: the body not written yet)
     written_s: float = 0.0  # monotonic time of the last write sent to Redis
+    writable: bool = True  # False once its token ids would not fit the record: not tried again
 
     def body(self) -> dict[str, Any]:
         """The request as sent to replicas (parsed anew: the caller may change it)."""
@@ -375,16 +376,17 @@ class StreamStateStore:
         now = time.monotonic()
         seen: set[int] = set()
         for rec in records:
-            if id(rec) in seen or (rec.finished and rec.num_written < 0):
+            if id(rec) in seen or (rec.finished and rec.num_written < 0) or not rec.writable:
                 continue  # an opened stream that finished before its first write needs none (see close())
             seen.add(id(rec))
             n = len(rec.token_ids)
             inline = rec.body_json if len(rec.body_json) <= INLINE_BODY_MAX_BYTES else b""
             try:
                 blob = rec.state_blob(n, inline)
-            except (OverflowError, TypeError) as e:  # ids no uint32 holds: this stream only
+            except (OverflowError, TypeError) as e:  # ids no uint32 holds: this stream only, once
                 log.warning("stream %s cannot be written: %s", rec.request_id, e)
                 self._error.inc()
+                rec.writable = False
                 continue
             if not inline and rec.num_written < 0:
                 items.append((self.body_key(rec.request_id).encode(), rec.body_json, body_ttl_ms))

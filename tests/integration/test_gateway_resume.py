@@ -396,6 +396,9 @@ async def test_one_bad_stream_does_not_stop_the_others_writes(redis_url: str) ->
         assert parse_record("good", await client.get("t:stream:good"), None, 1 << 20, 10).token_ids == [3]
         assert await client.get("t:stream:bad") is None
         assert metrics.stream_state_writes.labels("error")._value.get() == 1
+        bad.token_ids.append(4)
+        store._tick()  # it grew, but it is not tried (nor logged) at every interval again
+        assert metrics.stream_state_writes.labels("error")._value.get() == 1
     finally:
         await store.stop()
         await client.aclose()
