@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -146,6 +146,9 @@ class GatewayMetrics:
                                           "Non-stream requests answered with the answer of an earlier one with "
                                           "the same X-Request-ID, by source (local | redis).", ["source"],
                                           registry=r)
+        self.streams_running = Gauge(PREFIX + "streams_running",
+                                     "Resumable streams this gateway process relays now (each kept in its stream "
+                                     "state and written behind to Redis).", registry=r)
 
         self._request_children: dict[tuple[str, int, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

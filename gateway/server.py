@@ -133,6 +133,7 @@ def build_gateway(config: GatewayConfig, num_workers: int = 1) -> Gateway:
     streams = StreamStateStore(config.streams, config.redis.key_prefix, metrics, config.server.max_body_bytes,
                                config.redis.op_timeout_s, body_extra_ttl_s=config.server.request_deadline_s)
     relay.streams = streams
+    metrics.streams_running.set_function(lambda: streams.num_running)
     answers = AnswerCache(config.streams, config.redis.key_prefix, metrics, config.redis.op_timeout_s)
     return Gateway(config=config, replicas=replicas, health=health, relay=relay, degradation=degradation,
                    auth=Authenticator(config.auth), limiter=RateLimiter(), metrics=metrics,

@@ -21,6 +21,8 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,11 +264,18 @@ class FaultInjector:
             raise KeyError(f"no gateway {target!r} in this stack ({len(self.stack.gateways)} gateways)")
         return index
 
-    def kill_gateway(self, target: str = "gateway") -> FaultRecord:
-        """kill -9 one gateway process: its streams break, clients reconnect to another gateway."""
+    def kill_gateway(self, target: str = "gateway", wait_for_stream_s: float = 0.0) -> FaultRecord:
+        """kill -9 one gateway process: its streams break, clients reconnect to another gateway.
+        ``wait_for_stream_s``: first wait (at most that long) until the gateway relays a resumable
+        stream (its ``unbroken_gateway_streams_running`` gauge), so that the kill cuts one mid-stream
+        rather than falling, by chance, between requests."""
         index = self._gateway_index(target)
         proc = self._check_owned(self.stack.gateways[index], target)
-        rec = self._begin("kill_gateway", target)
+        params: dict[str, Any] = {}
+        if wait_for_stream_s > 0:
+            params["streams_running"] = wait_streams_running(self.stack.urls[index], wait_for_stream_s,
+                                                             self.stack.admin_key)
+        rec = self._begin("kill_gateway", target, **params)
         proc.kill()
         return rec
 
@@ -311,3 +320,34 @@ class FaultInjector:
             self._end("kill_kvsync", rec.target)
         else:
             self._end(rec.action, rec.target)
+
+
+def streams_running(gateway_url: str, admin_key: str = "", timeout_s: float = 1.0) -> int | None:
+    """The gateway process's ``unbroken_gateway_streams_running`` gauge; None when unreachable."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    req = urllib.request.Request(gateway_url.rstrip("/") + "/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("unbroken_gateway_streams_running "):
+            try:
+                return int(float(line.rpartition(" ")[2]))
+            except ValueError:
+                return None
+    return None
+
+
+def wait_streams_running(gateway_url: str, timeout_s: float, admin_key: str = "",
+                         interval_s: float = 0.005) -> int:
+    """Poll until the gateway relays at least one resumable stream (or ``timeout_s`` passed); the
+    last count seen (0: none in time)."""
+    deadline = time.monotonic() + timeout_s
+    n = 0
+    while True:
+        n = streams_running(gateway_url, admin_key) or 0
+        if n > 0 or time.monotonic() >= deadline:
+            return n
+        time.sleep(interval_s)

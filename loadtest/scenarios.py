@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Action = Literal["kill_replica", "stop_replica", "proxy_fault", "reset_connections", "kill_redis",
                  "restart_gateway", "kill_kvsync", "crash_loop", "kill_gateway"]
 
+# kill_gateway waits at most this long for a stream running through the gateway it kills.
+KILL_GATEWAY_STREAM_WAIT_S = 10.0
+
 # Faults after which the gateway must mark the target replica unhealthy (detection is timed).
 DETECTED_ACTIONS = {"kill_replica", "stop_replica", "crash_loop"}
 
@@ -311,7 +314,8 @@ class ScenarioRunner:
         elif step.action == "restart_gateway":
             rec = inj.restart_gateway()
         elif step.action == "kill_gateway":
-            rec = inj.kill_gateway(step.target)
+            # The scenario is about streams cut mid-way: wait (bounded) until the gateway relays one.
+            rec = inj.kill_gateway(step.target, wait_for_stream_s=KILL_GATEWAY_STREAM_WAIT_S)
         else:  # pragma: no cover - the Literal type keeps this out
             raise ValueError(step.action)
         self.step_records.append((step, rec))

@@ -31,6 +31,8 @@ def test_scenario_loses_nothing(name: str, chaos_stack: Stack, tmp_path: Path) -
     assert any(f.contexts_total > 0 for f in result.summary.faults), report
     assert result.summary.steady_ttft_p99_s is not None, report
     if any(f.action == "kill_gateway" for f in scenario.faults):  # streams were cut and resumed
+        kills = [f for f in result.faults if f["action"] == "kill_gateway"]
+        assert all(f["params"].get("streams_running", 0) > 0 for f in kills), f"killed with no stream running: {kills}"
         assert result.summary.num_stream_resumes > 0, report
     for f in result.faults:
         if f["detected_expected"]:

@@ -27,6 +27,7 @@ from unbroken.procs import free_port, start_redis
 pytestmark = pytest.mark.asyncio
 
 KEYS = {"alice": "sk-alice", "bob": "sk-bob"}
+ADMIN_KEY = "sk-admin"
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 40,
         "stream": True, "temperature": 0}
 
@@ -37,7 +38,8 @@ def _config(urls: list[str], redis_url: str) -> GatewayConfig:
         "routing": {"session_affinity": False, "policy": "round_robin"},
         "redis": {"url": redis_url, "key_prefix": "t:"},
         "streams": {"state_write_interval_ms": 20},
-        "auth": {"enabled": True, "api_keys": [{"name": n, "sha256": sha256_hex(k)} for n, k in KEYS.items()]},
+        "auth": {"enabled": True, "api_keys": [{"name": n, "sha256": sha256_hex(k)} for n, k in KEYS.items()],
+                 "admin_key_sha256": sha256_hex(ADMIN_KEY)},
     })
 
 
@@ -119,6 +121,29 @@ async def test_every_event_has_an_id_and_the_other_gateway_continues_exactly(sta
     rest_ids = [eid for eid, _ in _blocks(rest)]
     assert rest_ids[0] == f"r-1:{int(last.split(':')[1]) + 1}"  # exactly the next event
     assert b.gateway.metrics.stream_resumes.labels("redis")._value.get() == 1
+
+
+async def _streams_running(s: aiohttp.ClientSession, url: str) -> float:
+    async with s.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        assert r.status == 200, await r.text()
+        for line in (await r.text()).splitlines():
+            if line.startswith("unbroken_gateway_streams_running "):
+                return float(line.rpartition(" ")[2])
+    raise AssertionError("no unbroken_gateway_streams_running gauge")
+
+
+async def test_the_streams_running_gauge_counts_the_streams_relayed_now(stack: Any) -> None:
+    """What the chaos runner's kill_gateway waits on: 1 while a stream runs here, 0 once it ended."""
+    ms, (a, b) = stack
+    async with aiohttp.ClientSession() as s:
+        assert await _streams_running(s, a.url) == 0
+        async with s.post(a.url + "/v1/chat/completions", json=CHAT, headers=_headers("g-1")) as resp:
+            assert resp.status == 200
+            await _read_until_tokens(resp, 3)
+            assert await _streams_running(s, a.url) == 1
+            assert await _streams_running(s, b.url) == 0
+            await resp.read()
+        assert await _streams_running(s, a.url) == 0
 
 
 async def test_resume_after_the_end_chunk_sends_only_what_is_missing(stack: Any) -> None:
