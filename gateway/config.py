@@ -259,6 +259,10 @@ class StreamsSection(Section):
                                               "that a client can resume it on any gateway (Last-Event-ID).")
     state_write_interval_ms: int = Field(50, gt=0, description="How often running streams' new tokens are "
                                                                "written behind the relay to Redis.")
+    state_write_behind: bool = Field(True, description="Write running streams' state behind the relay to Redis "
+                                                       "(off: a stream is resumable only on the gateway that "
+                                                       "relays it, as when Redis is down; for one gateway, no "
+                                                       "Redis write per stream).")
     state_write_on_open: bool = Field(True, description="Write a stream's state to Redis as it opens (off: "
                                                         "from its first write interval on; a stream younger "
                                                         "than that is resumable only on its own gateway, and "

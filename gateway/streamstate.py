@@ -295,10 +295,12 @@ class StreamStateStore:
     # -- writing -------------------------------------------------------------------------------------
 
     def attach_redis(self, redis: Any, url: str) -> None:
-        """``redis`` (redis-py) reads the state back; the writes go through their own connection to
-        ``url`` (:class:`RedisSetWriter`)."""
+        """``redis`` (redis-py) reads the state back (a stream another gateway wrote); the writes go
+        through their own connection to ``url`` (:class:`RedisSetWriter`), unless
+        ``state_write_behind`` is off."""
         self.redis = redis
-        self._wire = RedisSetWriter(url, self.op_timeout_s)
+        if self.config.state_write_behind:
+            self._wire = RedisSetWriter(url, self.op_timeout_s)
 
     def start(self) -> None:
         if self._wire is not None and self._task is None:

@@ -343,6 +343,41 @@ async def test_a_stream_is_in_redis_as_it_opens_not_an_interval_later(redis_url:
 
 
 
+async def test_without_the_write_behind_a_stream_resumes_on_its_gateway_only(redis_url: str) -> None:
+    """``state_write_behind: false``: nothing per stream reaches Redis; the stream resumes exactly on
+    the gateway that relayed it, and another gateway answers its reconnect with a clear 404."""
+    m = await MockReplica(MockKnobs(token_interval_ms=5), replica_id="m0").start()
+    cfg = _config([m.url], redis_url)
+    local_only = cfg.model_copy(update={"streams": cfg.streams.model_copy(update={"state_write_behind": False})})
+    a = await RunningGateway(local_only).start()
+    b = await RunningGateway(cfg).start()
+    client = aioredis.from_url(redis_url)
+    try:
+        await a.wait_healthy(1)
+        await b.wait_healthy(1)
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(a.url + "/v1/chat/completions", json=CHAT, headers=_headers("w-1"))
+            assert resp.status == 200
+            first = await _read_until_tokens(resp, 10)
+            resp.close()
+            last = _blocks(first)[-1][0]
+            async with s.post(b.url + "/v1/chat/completions", json=CHAT, headers=_headers("w-1", last=last)) as r:
+                assert r.status == 404, await r.text()
+                assert (await r.json())["error"]["code"] == "stream_not_found"
+            async with s.post(a.url + "/v1/chat/completions", json=CHAT, headers=_headers("w-1", last=last)) as r:
+                assert r.status == 200, await r.text()
+                rest = await r.text()
+        ids, _ = stream_tokens(parse_sse(first) + parse_sse(rest))
+        assert ids == expected_completion(prompt_text(CHAT), 40)[0]
+        assert await client.keys("t:stream*") == []
+        assert a.gateway.metrics.stream_state_writes.labels("ok")._value.get() == 0
+    finally:
+        await client.aclose()
+        await a.stop()
+        await b.stop()
+        await m.stop()
+
+
 async def test_without_the_write_at_open_a_young_stream_waits_for_its_interval(redis_url: str) -> None:
     """``state_write_on_open: false``: an opened stream is left to the next interval (a minute here),
     while a stream its client left is still written at once."""
