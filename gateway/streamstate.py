@@ -225,10 +225,12 @@ class StreamStateStore:
         record.ended_s = time.monotonic()
         if self._running.get(record.request_id) is record:
             del self._running[record.request_id]
-        self._ended[record.request_id] = _compact(record)
-        self._ended.move_to_end(record.request_id)
-        while len(self._ended) > self.config.max_local_streams:
-            self._ended.popitem(last=False)
+        ended = self._ended
+        if record.request_id in ended:  # a resumed stream ended again: it moves to the newest end
+            del ended[record.request_id]
+        ended[record.request_id] = _compact(record)
+        if len(ended) > self.config.max_local_streams:
+            ended.popitem(last=False)
         if self._wire is None or finished:
             # A finished stream needs no last write: a client that missed its end resumes from the
             # state of the last interval (the replica regenerates the rest).
