@@ -148,7 +148,7 @@ class GatewayMetrics:
                                           registry=r)
         self.streams_running = Gauge(PREFIX + "streams_running",
                                      "Resumable streams this gateway process relays now (each kept in its stream "
-                                     "state and written behind to Redis).", registry=r)
+                                     "state).", registry=r)
 
         self._request_children: dict[tuple[str, int, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

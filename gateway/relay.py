@@ -60,10 +60,10 @@ from unbroken.http import sse_error_event
 log = logging.getLogger(__name__)
 
 NO_REPLICA_POLL_S = 0.05
+NO_REPLICA_LOG_EVERY_S = 10.0  # per replica and model: an outage logs its reasons, not every request
 # A chunk this small written to a client with nothing buffered cannot reach the transport's
 # high-water mark (64 KiB by default in asyncio and uvloop), so its write cannot block.
 UNTIMED_WRITE_MAX_BYTES = 16 * 1024
-NO_REPLICA_LOG_EVERY_S = 10.0  # per replica and model: an outage logs its reasons, not every request
 
 
 class _watched:
