@@ -157,12 +157,15 @@ class RedisSetWriter:
         t = self._transport
         if t is None or t.is_closing() or t.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             return False
-        t.write(encode_set_many(items))
-        self._pending.append(_Batch(len(items), done, time.monotonic()))
+        self._write(encode_set_many(items), len(items), done)
         return True
 
-    async def _send_and_wait(self, data: bytes, n: int) -> list[str]:
+    def _write(self, data: bytes, num_replies: int, done: BatchDone) -> None:
         assert self._transport is not None
+        self._transport.write(data)
+        self._pending.append(_Batch(num_replies, done, time.monotonic()))
+
+    async def _send_and_wait(self, data: bytes, n: int) -> list[str]:
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
 
         def done(exc: BaseException | None, errors: list[str]) -> None:
@@ -172,8 +175,7 @@ class RedisSetWriter:
                 else:
                     fut.set_result(errors)
 
-        self._transport.write(data)
-        self._pending.append(_Batch(n, done, time.monotonic()))
+        self._write(data, n, done)
         return await fut
 
     async def set_many(self, items: list[tuple[bytes, bytes, int]]) -> None:

@@ -17,10 +17,10 @@ long streams. ``python -m loadtest.bench_gateway [--duration-s 5] [--workers 2]`
 ``streams.resumable`` (event ids, the stream state kept locally), ``streams.state_write_behind`` (the
 state written behind to Redis) and ``streams.state_write_on_open``, under a load of short streams:
 streams/s, gateway CPU per stream and SSE chunks/s, each variant to its baseline (target: the
-write-behind costs <= 5% of streams/s; resumable streams in all, to none, printed too). Two alike processes differ by up to
-~15% on two shared cores, as much as the effect, so ``--processes`` (2) gateways run per variant,
-``--rounds`` (10) rounds measure each once in a rotating order, and the ratios are taken round by
-round and reported as a median with quartiles.
+write-behind costs <= 5% of streams/s; resumable streams in all, to none, printed too). Two alike
+processes differ by up to ~15% on two shared cores, as much as the effect, so ``--processes`` (2)
+gateways run per variant, ``--rounds`` (10) rounds measure each once in a rotating order, and the
+ratios are taken round by round and reported as a median with quartiles.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def run_stream_state(args: argparse.Namespace) -> list[dict[str, Any]]:
                 statistics.median(rnd[p]["cpu_us_per_stream"] for rnd in runs[name]) for p in range(args.processes)]
             results.append(r)
         for what, name, base in STREAM_STATE_RATIOS:
-            r = {"target": f"ratio: {what}", "of": name, "to": base}
+            r = {"cost_of": what, "of": name, "to": base}
             for k in keys:
                 r[k] = _quartiles([statistics.fmean(m[k] for m in rnd) / statistics.fmean(m[k] for m in b)
                                    for rnd, b in zip(runs[name], runs[base])])
@@ -375,7 +375,7 @@ def report_stream_state(results: list[dict[str, Any]], args: argparse.Namespace)
              "| gateway | streams/s | gateway CPU per stream (us), by process | SSE chunks/s | errors |",
              "|---|---|---|---|---|"]
     for r in results:
-        if "of" in r:
+        if "cost_of" in r:
             continue
         by_proc = ", ".join(f"{v:.0f}" for v in r["cpu_us_per_stream_by_process"])
         lines.append(f"| {r['target']} | {r['streams_per_s']:.1f} | {r['cpu_us_per_stream']:.0f} ({by_proc}) | "
@@ -388,8 +388,8 @@ def report_stream_state(results: list[dict[str, Any]], args: argparse.Namespace)
     lines += ["", "ratios taken round by round; median over rounds (quartiles):", "",
               "| cost of | variant / baseline | streams/s | CPU per stream | SSE chunks/s |", "|---|---|---|---|---|"]
     for r in results:
-        if "of" in r:
-            lines.append(f"| {r['target'].removeprefix('ratio: ')} | {r['of']} / {r['to']} | "
+        if "cost_of" in r:
+            lines.append(f"| {r['cost_of']} | {r['of']} / {r['to']} | "
                          f"{ratio(r, 'streams_per_s')} | {ratio(r, 'cpu_us_per_stream')} | "
                          f"{ratio(r, 'sse_chunks_per_s')} |")
     lines += ["", "target: streams/s of the write-behind to Redis >= 0.95"]

@@ -24,8 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +31,7 @@ from typing import Any, Iterator
 import orjson
 
 from loadtest.faultproxy import start_fault_proxy
-from loadtest.faults import FaultInjector
+from loadtest.faults import FaultInjector, metrics_text
 from loadtest.report import RunSummary, write_report
 from loadtest.scenarios import Scenario, ScenarioRunner, gateway_replica_health, load_scenario
 from unbroken.launcher import Stack, StackConfig, load_stack_config
@@ -95,12 +93,8 @@ class ChaosResult:
 def scrape_counters(url: str, timeout_s: float = 2.0, token: str = "") -> dict[str, float]:
     """Prometheus ``*_total`` series (name{labels} -> value) that count failovers, retries, restores.
     ``token``: the bearer token ``/metrics`` needs there (a replica's shared token)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/metrics", headers=headers),
-                                    timeout=timeout_s) as r:
-            text = r.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError):
+    text = metrics_text(url, token, timeout_s)
+    if text is None:
         return {}
     out: dict[str, float] = {}
     for line in text.splitlines():

@@ -322,14 +322,22 @@ class FaultInjector:
             self._end(rec.action, rec.target)
 
 
+def metrics_text(url: str, token: str = "", timeout_s: float = 1.0) -> str | None:
+    """A process's Prometheus ``/metrics`` text (``token``: the bearer token it needs there); None
+    when unreachable."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/metrics", headers=headers),
+                                    timeout=timeout_s) as r:
+            return r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def streams_running(gateway_url: str, admin_key: str = "", timeout_s: float = 1.0) -> int | None:
     """The gateway process's ``unbroken_gateway_streams_running`` gauge; None when unreachable."""
-    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-    req = urllib.request.Request(gateway_url.rstrip("/") + "/metrics", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            text = r.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError):
+    text = metrics_text(gateway_url, admin_key, timeout_s)
+    if text is None:
         return None
     for line in text.splitlines():
         if line.startswith("unbroken_gateway_streams_running "):

@@ -1,5 +1,5 @@
 """The supervisor's I/O half: a thread that watches programs and acts on :class:`ProgramPolicy`'s
-decisions. A program is anything with :class:`Target`'s four methods: a process started from a
+decisions. A program is anything with :class:`Target`'s methods: a process started from a
 command (:class:`CommandTarget`, for ``unbroken supervise``) or a replica of a local stack
 (``unbroken.supervisor.stack``)."""
 
@@ -36,11 +36,8 @@ class Target(Protocol):
         """Start it (again); must not wait for it to be ready. Returns how it was started (a replica:
         ``"zygote"`` or ``"plain"``), counted in ``unbroken_supervisor_starts_total``; None = plain."""
 
-
-def _note(target: Target) -> str | None:
-    """What a target says of itself beyond its state (optional ``note()``: the zygote that refused)."""
-    note = getattr(target, "note", None)
-    return note() if callable(note) else None
+    def note(self) -> str | None:
+        """What it says of itself beyond its state, shown in the status (the zygote that refused)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,9 @@ class CommandTarget:
 
     def health_url(self) -> str | None:
         return self._health_url
+
+    def note(self) -> str | None:
+        return None
 
     def kill(self) -> None:
         self.process.kill()
@@ -109,7 +109,7 @@ class Supervisor:
         with self._lock:
             return [{"program": name, "state": p.state.value, "restarts": p.num_restarts,
                      "recent_failures": len(p.failures_s), "last_failure": p.last_failure or None,
-                     "note": _note(self.targets[name])}
+                     "note": self.targets[name].note()}
                     for name, p in self.policies.items()]
 
     def write_status(self, path: str | Path) -> None:

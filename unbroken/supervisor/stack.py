@@ -50,6 +50,9 @@ class ReplicaTarget:
     def health_url(self) -> str | None:
         return self.stack.replica(self.name).direct_url + "/health"
 
+    def note(self) -> str | None:
+        return None
+
     def kill(self) -> None:
         self.stack.replica(self.name).process.kill()
 
@@ -76,6 +79,9 @@ class KVSyncTarget:
         p = self._proc()
         return p.ready_url if p is not None else None
 
+    def note(self) -> str | None:
+        return None
+
     def kill(self) -> None:
         p = self._proc()
         if p is not None:
@@ -100,6 +106,9 @@ class GatewayTarget:
 
     def health_url(self) -> str | None:
         return f"http://127.0.0.1:{self.stack.gateway_ports[self.index]}/healthz"
+
+    def note(self) -> str | None:
+        return None
 
     def kill(self) -> None:
         self.stack.gateways[self.index].kill()
